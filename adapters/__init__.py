@@ -1,0 +1,1 @@
+"""LoRA adapters: parsing, validation, storage and the registry (everything but the matmul)."""

@@ -1,0 +1,1 @@
+"""The inference engine: models, weights, tokenizers and generation. No HTTP in here."""

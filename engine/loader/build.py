@@ -1,0 +1,91 @@
+"""Weights (from either file format) into a ready model."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.models.base import CausalLM
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+
+class WeightsError(ValueError):
+    """Checkpoint tensors that do not fit the model they claim to be; names every problem."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run, with what serving it needs to know."""
+
+    model: CausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    name: str  # the id clients see, e.g. the folder name or the GGUF file stem
+    path: Path
+    dtype: mx.Dtype
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """Show a progress bar on a terminal; stay silent in logs and tests."""
+    yield from tqdm(items, desc=desc, total=total, unit="tensor", disable=not sys.stderr.isatty())
+
+
+def build_model(
+    cfg: ModelConfig, weights: dict[str, mx.array], quantized_bits: dict[str, int]
+) -> CausalLM:
+    """Instantiate the transformer and load ``weights`` (Hugging Face names) into it.
+
+    ``quantized_bits`` maps a module path (``model.layers.0.mlp.up_proj``) to the bit width of
+    its affine-quantized weight (group size 32); those modules become quantized layers whose
+    ``weight``/``scales``/``biases`` come from ``weights``.
+    """
+    model = CausalLM(cfg)
+    if quantized_bits:
+        nn.quantize(
+            model,
+            class_predicate=lambda path, _: (
+                {"group_size": 32, "bits": quantized_bits[path], "mode": "affine"}
+                if path in quantized_bits
+                else False
+            ),
+        )
+    expected = dict(_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k} has shape {tuple(weights[k].shape)}, the model needs {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(weights))
+        if weights[k].shape != expected[k].shape
+    ]
+    problems = (
+        ([f"missing tensors: {', '.join(missing)}"] if missing else [])
+        + ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else [])
+        + wrong
+    )
+    if problems:
+        raise WeightsError("; ".join(problems))
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def _flatten(tree: dict | list | mx.array, prefix: str = "") -> Iterator[tuple[str, mx.array]]:
+    if isinstance(tree, mx.array):
+        yield prefix, tree
+        return
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))

