@@ -11,8 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.config import ModelConfig, RopeConfig
-from engine.models.attention import Mask, attention, attention_mask
-from engine.models.cache import KVCache
+from engine.models.cache import KVCache, LayerCache
 
 
 class RoPE(nn.Module):
@@ -48,7 +47,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.rope = RoPE(cfg.rope)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         B, S, _ = x.shape  # x: [B, S, hidden]
         q = self.q_proj(x).reshape(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, S, self.num_kv_heads, self.head_dim)
@@ -56,10 +55,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H(kv), S, D]
-        q = self.rope(q, cache.offset)
-        k = self.rope(k, cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, scale=self.scale, mask=mask)  # [B, H, S, D]
+        q, k = cache.rotate(self.rope, q), cache.rotate(self.rope, k)
+        out = cache.attend(q, k, v, scale=self.scale)  # [B, H, S, D]
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
@@ -85,8 +82,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: KVCache) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -99,13 +96,11 @@ class DecoderModel(nn.Module):
         self.layers = [TransformerBlock(cfg, w) for w in cfg.layer_windows]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[LayerCache]) -> mx.array:
         # tokens: [B, S] -> hidden: [B, S, hidden]
         h = self.embed_tokens(tokens)
-        S, offset = tokens.shape[1], cache[0].offset
-        masks = {w: attention_mask(S, offset, w) for w in {layer.window for layer in self.layers}}
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = layer(h, masks[layer.window], layer_cache)
+            h = layer(h, layer_cache)
         return self.norm(h)
 
 
@@ -120,7 +115,7 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def hidden(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+    def hidden(self, tokens: mx.array, cache: list[LayerCache]) -> mx.array:
         return self.model(tokens, cache)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -129,8 +124,9 @@ class CausalLM(nn.Module):
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[LayerCache]) -> mx.array:
         return self.logits(self.hidden(tokens, cache))
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.layers]
+        """A contiguous cache per layer, for one batch of sequences advancing together."""
+        return [KVCache(layer.window) for layer in self.model.layers]

@@ -1,12 +1,29 @@
-"""The contiguous KV cache: one growing buffer of keys and values per layer.
+"""What a layer's attention asks of a KV cache, and the contiguous cache.
 
-This is the simple, obviously-correct cache the model forward was first written against; the
-paged cache of the serving engine is checked against it.
+A layer hands its cache the queries and keys to rotate and then q, k, v to attend with; the
+cache knows the positions, stores the new keys and values and decides which keys each query
+sees. The contiguous ``KVCache`` here is the simple, obviously-correct one the model was first
+written against; the paged cache of the serving engine is checked against it.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import mlx.core as mx
+import mlx.nn as nn
+
+from engine.models.attention import attention, attention_mask
+
+
+class LayerCache(Protocol):
+    def rotate(self, rope: nn.Module, x: mx.array) -> mx.array:
+        """Apply ``rope`` at the positions of the new tokens. x: [B, H, S, D]."""
+        ...
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
+        """Store k, v [B, Hkv, S, D] and attend q [B, H, S, D] over everything visible."""
+        ...
 
 
 class KVCache:
@@ -18,10 +35,19 @@ class KVCache:
 
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
         self.keys: mx.array | None = None  # [B, Hkv, capacity, D]
         self.values: mx.array | None = None  # [B, Hkv, capacity, D]
         self.offset = 0
+
+    def rotate(self, rope: nn.Module, x: mx.array) -> mx.array:
+        return rope(x, self.offset)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
+        mask = attention_mask(q.shape[2], self.offset, self.window)
+        keys, values = self.update_and_fetch(k, v)
+        return attention(q, keys, values, scale=scale, mask=mask)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values [B, Hkv, S, D]; return all of them so far [B, Hkv, offset, D]."""

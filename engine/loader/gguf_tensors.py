@@ -1,0 +1,202 @@
+"""GGUF tensors as MLX arrays, with llama.cpp's quantized blocks kept quantized.
+
+Q8_0, Q4_0 and Q4_1 blocks are 32 elements sharing one f16 scale (and, for Q4_1, an f16 minimum):
+exactly MLX's affine quantization `w = scale * q + bias` with unsigned `q` and group size 32. So
+instead of dequantizing a GGUF file (four to eight times the memory, and a different model than the
+one the user chose), each block is re-encoded bit for bit: the integers are re-packed into MLX's
+layout and the block constants become `scales` / `biases`. The result feeds `mx.quantized_matmul`
+directly, and dequantizing it in float32 reproduces llama.cpp's dequantization exactly.
+
+MLX's packing, found with `mx.quantize` / `mx.dequantize` on known data: element `j` of a row
+lives in uint32 word `j * bits // 32`, at bit `(j * bits) % 32` (the first element in the least
+significant bits). On a little-endian host that means 8-bit codes are the row's bytes in order,
+and 4-bit codes pair elements (2k, 2k+1) into byte k, low nibble first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+_T = gguf.GGMLQuantizationType
+GROUP_SIZE = 32
+SUPPORTED_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
+_LITTLE_U32 = np.dtype("<u4")
+
+
+class UnsupportedTensorType(ValueError):
+    """A tensor whose GGML type has no exact MLX encoding here (K-quants, IQ-quants, ...)."""
+
+    def __init__(self, tensor_name: str, type_name: str) -> None:
+        supported = ", ".join(t.name for t in SUPPORTED_TYPES)
+        super().__init__(
+            f"tensor {tensor_name!r} has type {type_name}, which candlewick cannot load yet "
+            f"(supported: {supported})"
+        )
+        self.tensor_name = tensor_name
+        self.type_name = type_name
+
+
+@dataclass(frozen=True, slots=True)
+class AffineQuantized:
+    """A weight in MLX's affine layout: w[r, c] = scales[r, c//g] * q[r, c] + biases[r, c//g].
+
+    Rows are output features (HF orientation), so `mx.quantized_matmul(x, ..., transpose=True)`
+    computes `x @ W.T`. Leading axes (stacked experts) are allowed; "rows" is always axis -2.
+    """
+
+    weight: mx.array  # uint32 [rows, cols*bits/32]
+    scales: mx.array  # [rows, cols/group_size]
+    biases: mx.array  # [rows, cols/group_size]
+    bits: int
+    group_size: int = GROUP_SIZE
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (dequantized) shape: [rows, cols]."""
+        *lead, packed = self.weight.shape
+        return (*lead, packed * 32 // self.bits)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype of scales, biases and `dequantize()`'s result."""
+        return self.scales.dtype
+
+    def dequantize(self) -> mx.array:
+        """Dense weight in the scales' dtype, computed in float32 and rounded once.
+
+        MLX's own dequantize rounds `scale * q` in the scales' dtype before adding the bias; with
+        float16 scales and Q8_0's offset of 128 that double rounding errs by up to d/8 on weights
+        near zero. Computing in float32 instead gives llama.cpp's value exactly (d is an f16 and q
+        has at most 8 bits, so `d * q` is exact in float32), then rounds it once to the dtype.
+        """
+        dense = mx.dequantize(
+            self.weight,
+            self.scales.astype(mx.float32),
+            self.biases.astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+        )  # float32 [rows, cols]
+        return dense.astype(self.scales.dtype)
+
+    def take_rows(self, index: np.ndarray | mx.array) -> AffineQuantized:
+        """Select or permute rows (output features); exact, since every row owns its groups.
+
+        Used to undo llama.cpp's Q/K head permutation and to look up embedding rows.
+        """
+        index = mx.array(index) if isinstance(index, np.ndarray) else index
+        return AffineQuantized(
+            weight=mx.take(self.weight, index, axis=-2),
+            scales=mx.take(self.scales, index, axis=-2),
+            biases=mx.take(self.biases, index, axis=-2),
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+
+def dense(t: mx.array | AffineQuantized) -> mx.array:
+    """The tensor as a plain array, dequantizing if needed (norms, embeddings on lookup, tests)."""
+    return t.dequantize() if isinstance(t, AffineQuantized) else t
+
+
+def tensor_to_mlx(tensor: gguf.ReaderTensor, dtype: mx.Dtype) -> mx.array | AffineQuantized:
+    """One GGUF tensor in PyTorch/HF orientation ([out_features, in_features] for a linear).
+
+    GGUF lists dimensions innermost first (ne0 = in_features), and `GGUFReader` already exposes
+    `tensor.data` reversed, row-major: [rows, cols] for dense types and [rows, bytes per row] for
+    block types. So no transpose is needed; quantized blocks only need re-packing.
+
+    Float tensors become dense `dtype`; Q8_0/Q4_0/Q4_1 become `AffineQuantized` with scales and
+    biases in `dtype` (float32 and float16 hold the f16 block constants exactly, bfloat16 rounds
+    them to 8 significant bits; a float16 bias of -128*d overflows only for weights past 65504,
+    which float16 cannot hold anyway). 1-D tensors (norms, biases) are always dense.
+    """
+    kind = tensor.tensor_type
+    data = np.asarray(tensor.data)
+    if kind in (_T.F32, _T.F16):
+        return mx.array(data).astype(dtype)
+    if kind == _T.BF16:
+        bits = np.ascontiguousarray(data).view(np.uint16)  # [rows, cols]
+        return mx.view(mx.array(bits), mx.bfloat16).astype(dtype)
+    convert = _BLOCK_CONVERTERS.get(kind)
+    if convert is None:
+        raise UnsupportedTensorType(tensor.name, kind.name)
+    if data.ndim == 1:
+        return convert(data[None], dtype).dequantize()[0]
+    return convert(data, dtype)
+
+
+def _split_blocks(data: np.ndarray, block_bytes: int) -> np.ndarray:
+    """[..., rows, row_bytes] uint8 -> [..., rows, blocks, block_bytes] (a view, no copy)."""
+    *lead, row_bytes = data.shape
+    assert row_bytes % block_bytes == 0, (row_bytes, block_bytes)
+    return data.reshape(*lead, row_bytes // block_bytes, block_bytes)
+
+
+def _f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The little-endian f16 at byte `offset` of every block, as float32 [..., rows, blocks]."""
+    raw = np.ascontiguousarray(blocks[..., offset : offset + 2])
+    return raw.view("<f2")[..., 0].astype(np.float32)
+
+
+def _pack_rows(codes: np.ndarray) -> mx.array:
+    """Packed code bytes [..., rows, blocks, bytes] -> uint32 [..., rows, row_bytes/4]."""
+    *lead, blocks, nbytes = codes.shape
+    row_bytes = np.ascontiguousarray(codes).reshape(*lead, blocks * nbytes)
+    return mx.array(row_bytes.view(_LITTLE_U32))
+
+
+def _repack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGML's 4-bit order -> MLX's, per block of 16 bytes.
+
+    GGML: byte i holds element i (low nibble) and element i+16 (high nibble).
+    MLX:  byte k holds element 2k (low nibble) and element 2k+1 (high nibble).
+    """
+    even, odd = qs[..., 0::2], qs[..., 1::2]  # [..., blocks, 8] each
+    first_half = (even & 0x0F) | (odd << 4)  # elements 0..15
+    second_half = (even >> 4) | (odd & 0xF0)  # elements 16..31
+    return np.concatenate([first_half, second_half], axis=-1)  # [..., blocks, 16]
+
+
+def _q8_0(data: np.ndarray, dtype: mx.Dtype) -> AffineQuantized:
+    """Block: f16 d, 32 x int8 q; x = d*q = d*(q+128) - 128*d."""
+    blocks = _split_blocks(data, 34)
+    d = _f16_field(blocks, 0)  # [..., rows, blocks]
+    codes = blocks[..., 2:] ^ np.uint8(0x80)  # int8 q + 128 as uint8, [..., rows, blocks, 32]
+    return AffineQuantized(
+        weight=_pack_rows(codes),
+        scales=mx.array(d).astype(dtype),
+        biases=mx.array(-128.0 * d).astype(dtype),
+        bits=8,
+    )
+
+
+def _q4_0(data: np.ndarray, dtype: mx.Dtype) -> AffineQuantized:
+    """Block: f16 d, 16 bytes of nibbles q; x = d*(q-8) = d*q - 8*d."""
+    blocks = _split_blocks(data, 18)
+    d = _f16_field(blocks, 0)  # [..., rows, blocks]
+    return AffineQuantized(
+        weight=_pack_rows(_repack_nibbles(blocks[..., 2:])),
+        scales=mx.array(d).astype(dtype),
+        biases=mx.array(-8.0 * d).astype(dtype),
+        bits=4,
+    )
+
+
+def _q4_1(data: np.ndarray, dtype: mx.Dtype) -> AffineQuantized:
+    """Block: f16 d, f16 m, 16 bytes of nibbles q; x = d*q + m."""
+    blocks = _split_blocks(data, 20)
+    d = _f16_field(blocks, 0)  # [..., rows, blocks]
+    m = _f16_field(blocks, 2)  # [..., rows, blocks]
+    return AffineQuantized(
+        weight=_pack_rows(_repack_nibbles(blocks[..., 4:])),
+        scales=mx.array(d).astype(dtype),
+        biases=mx.array(m).astype(dtype),
+        bits=4,
+    )
+
+
+_BLOCK_CONVERTERS = {_T.Q8_0: _q8_0, _T.Q4_0: _q4_0, _T.Q4_1: _q4_1}

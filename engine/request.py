@@ -1,0 +1,79 @@
+"""A request as the engine tracks it from arrival to finish."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(slots=True)
+class Request:
+    """One sequence being generated.
+
+    The scheduling invariant: ``num_computed_tokens`` (tokens whose KV is in the cache) catches
+    up with ``num_tokens`` (prompt + generated). Prefill, chunked prefill, a prefix-cache hit and
+    decode all just advance that counter.
+
+    ``cache_salt`` enters the hash of every KV block (e.g. a LoRA adapter's digest): requests
+    with different salts never share blocks.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0
+    cache_salt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
+    num_preemptions: int = 0
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+
+    def check_stop(self) -> RequestStatus | None:
+        """The finished status the last generated token causes, if any."""
+        params = self.sampling_params
+        n = len(self.output_token_ids)
+        if n == 0 or n < params.min_tokens:
+            return None
+        last = self.output_token_ids[-1]
+        if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids):
+            return RequestStatus.FINISHED_STOPPED
+        if n >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
