@@ -180,3 +180,35 @@ def layer_windows_from_hf(hf: dict[str, Any], window: int | None) -> tuple[int |
     if types:
         return tuple(window if t == "sliding_attention" else None for t in types)
     return (int(window),) * n
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the serving engine batches and caches.
+
+    ``max_num_batched_tokens`` is the token budget of one step (decode tokens plus prefill
+    chunks); ``long_prefill_chunk`` caps one request's prefill per step so a long prompt never
+    stalls the running decodes. ``kv_cache_memory`` (bytes) sizes the block pool; None takes a
+    fraction of the memory left after the weights.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_chunk: int = 512
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float = 0.5
+    num_blocks: int | None = None  # overrides the memory sizing (tests)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_chunk"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            problems.append(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            problems.append(f"num_blocks must be at least 2, got {self.num_blocks}")
+        if problems:
+            raise ConfigError("; ".join(problems))

@@ -77,3 +77,25 @@ class Request:
         if n >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """What a caller submits (hop 1, event loop → engine thread): tokens, not text."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    cache_salt: str | None = None
+    arrival_time: float = 0.0
+
+    def to_request(self) -> Request:
+        return Request(
+            request_id=self.request_id,
+            prompt_token_ids=list(self.prompt_token_ids),
+            sampling_params=self.sampling_params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=self.arrival_time,
+            cache_salt=self.cache_salt,
+        )

@@ -32,3 +32,42 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Mask
     q: [B, H, S, D]; k, v: [B, Hkv, L, D] (not repeated to H); returns [B, H, S, D].
     """
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def gather_kv(pool: mx.array, block_table: mx.array, block_size: int) -> mx.array:
+    """The keys (or values) of the blocks in ``block_table``, in order.
+
+    pool: [num_blocks * block_size, Hkv, D]; block_table: [B, n] -> [B, Hkv, n * block_size, D].
+    """
+    num_slots, heads, dim = pool.shape
+    blocks = pool.reshape(num_slots // block_size, block_size, heads, dim)[block_table]
+    B, n = block_table.shape
+    return blocks.reshape(B, n * block_size, heads, dim).transpose(0, 2, 1, 3)
+
+
+def paged_decode_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    seq_lens: mx.array,
+    *,
+    block_size: int,
+    window: int | None,
+    scale: float,
+) -> mx.array:
+    """One new query per sequence against its cached context, read through its block table.
+
+    The plain-MLX reference: gather each sequence's blocks, mask what lies past its length (or
+    outside the window), fused attention. q: [B, H, 1, D]; block_tables: [B, n] (padded with the
+    null block 0); seq_lens: [B] context lengths including the new token -> [B, H, 1, D].
+    """
+    keys = gather_kv(k_pool, block_tables, block_size)
+    values = gather_kv(v_pool, block_tables, block_size)
+    k_pos = mx.arange(keys.shape[2])[None, :]  # [1, L]
+    lens = seq_lens[:, None]  # [B, 1]
+    visible = k_pos < lens
+    if window is not None:
+        visible = visible & (k_pos >= lens - window)
+    mask = visible[:, None, None, :]  # [B, 1, 1, L]
+    return attention(q, keys, values, scale=scale, mask=mask)

@@ -1,0 +1,61 @@
+"""The asyncio face of the engine: ``generate()`` is an async iterator of ``RequestOutput``s."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from engine.engine_core import EngineCore, EngineThread
+from engine.outputs import RequestOutput
+from engine.request import EngineRequest
+
+
+class AsyncEngine:
+    """Submits requests to the engine thread (hop 1) and routes each step's outputs back to the
+    awaiting coroutine on the event loop (hop 2, ``call_soon_threadsafe``).
+
+    A caller that stops iterating before the request finishes (a client that went away, a
+    cancelled task) aborts it: its KV blocks are freed on the engine's next turn.
+    """
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = EngineThread(core, self._publish)
+        self._thread.start()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self._loop = asyncio.get_running_loop()
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._thread.add(request)
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._thread.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._thread.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._thread.stop(timeout=10)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output)

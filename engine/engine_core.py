@@ -1,0 +1,156 @@
+"""The engine core: one step loop over scheduler, model runner and scheduler again, and the
+thread it runs on. Only this thread touches MLX."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.models.base import CausalLM
+from engine.models.paged import PagedKVStore
+from engine.outputs import RequestOutput
+from engine.request import EngineRequest
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def available_memory() -> int:
+    """Bytes the KV cache may draw on: the device's working set on a GPU, free RAM on a CPU."""
+    if mx.default_device() != mx.cpu:
+        info = mx.device_info()
+        total = int(info.get("max_recommended_working_set_size", info.get("memory_size", 0)))
+        return max(total - mx.get_active_memory(), 0)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def num_kv_blocks(cfg: ModelConfig, engine: EngineConfig, dtype: mx.Dtype) -> int:
+    """Blocks that fit the KV memory budget, and never more than the longest possible batch."""
+    if engine.num_blocks is not None:
+        return engine.num_blocks
+    per_block = PagedKVStore.bytes_per_block(cfg, engine.block_size, dtype)
+    budget = engine.kv_cache_memory or int(available_memory() * engine.kv_cache_memory_fraction)
+    ceiling = engine.max_num_seqs * -(-cfg.max_position_embeddings // engine.block_size) + 1
+    blocks = min(budget // per_block, ceiling)
+    if blocks < 2:
+        raise ValueError(
+            f"a KV cache of {budget} bytes holds no block ({per_block} bytes each): "
+            "raise --kv-cache-memory"
+        )
+    return blocks
+
+
+class EngineCore:
+    """schedule() → execute_model() → update_from_output(), one step at a time."""
+
+    def __init__(self, model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> None:
+        self.config = config
+        self.num_blocks = num_kv_blocks(model.config, config, dtype)
+        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        store = PagedKVStore(model.config, self.num_blocks, config.block_size, dtype)
+        self.runner = ModelRunner(model, store)
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.scheduler.add_request(request.to_request())
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort_request(request_id)
+        if request is None:
+            return None
+        return RequestOutput(
+            request_id=request_id,
+            new_token_ids=(),
+            finished=True,
+            finish_reason="abort",
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        try:
+            result = self.runner.execute_model(scheduled)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            log.exception("engine step failed")
+            return [self._fail(item.request.request_id, e) for item in scheduled.scheduled]
+        return self.scheduler.update_from_output(scheduled, result)
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        self.scheduler.fail_request(request_id)
+        return RequestOutput(
+            request_id=request_id,
+            new_token_ids=(),
+            finished=True,
+            finish_reason="abort",
+            error=f"{type(error).__name__}: {error}",
+        )
+
+
+class EngineThread:
+    """Runs an EngineCore's step loop on its own thread.
+
+    Callers (any thread) submit with ``add`` and ``abort``; every step's outputs go to
+    ``publish``, called on the engine thread (the asyncio facade forwards them to its loop).
+    """
+
+    def __init__(self, core: EngineCore, publish: Callable[[list[RequestOutput]], None]) -> None:
+        self.core = core
+        self.publish = publish
+        self._new: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="candlewick-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, request: EngineRequest) -> None:
+        self._new.put(request)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.put(request_id)
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            outputs = self._drain_inbox()
+            if self.core.has_work:
+                outputs.extend(self.core.step())
+            if outputs:
+                self.publish(outputs)
+            if not self.core.has_work:
+                self._wake.wait()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        while not self._new.empty():
+            self.core.add_request(self._new.get())
+        aborted = []
+        while not self._aborts.empty():
+            if (out := self.core.abort_request(self._aborts.get())) is not None:
+                aborted.append(out)
+        return aborted

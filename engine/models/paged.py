@@ -1,0 +1,108 @@
+"""The paged KV cache on the device: one pool of fixed-size blocks per layer, written through a
+slot mapping and read through per-sequence block tables.
+
+Which blocks a sequence owns is decided in pure Python (``engine/kv_cache``); this file only
+moves keys and values. A step's tokens arrive flattened into one row [1, T]: decode tokens first
+(one per sequence), then each prefill chunk. Everything but attention (projections, MLP) runs
+on all T tokens at once; attention splits them back by sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.config import ModelConfig
+from engine.models.attention import attention, attention_mask, gather_kv, paged_decode_attention
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSegment:
+    """``length`` query tokens starting at flat index ``start``; after them the sequence holds
+    ``seq_len`` tokens in the blocks of ``block_table`` [1, n]."""
+
+    start: int
+    length: int
+    seq_len: int
+    block_table: mx.array
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Where each of a step's T tokens sits and which keys it may see."""
+
+    positions: mx.array  # [T] int32: each token's position in its sequence
+    slot_mapping: mx.array  # [T] int32: pool slot receiving each token's K/V
+    num_decodes: int  # tokens 0 .. num_decodes-1 are single-token decodes
+    decode_block_tables: mx.array | None  # [num_decodes, n] int32, padded with block 0
+    decode_seq_lens: mx.array | None  # [num_decodes] int32
+    prefills: tuple[PrefillSegment, ...]
+    block_size: int
+
+
+class PagedKVStore:
+    """The block pools of every layer: keys and values [num_blocks * block_size, Hkv, D].
+
+    Block 0 is the null block: padding slots write there and nothing reads it unmasked.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: mx.Dtype):
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.keys = [mx.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self.values = [mx.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        mx.eval(self.keys, self.values)
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: mx.Dtype) -> int:
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.size
+
+    def layer_caches(self, meta: AttentionMetadata, windows: list[int | None]) -> list:
+        return [PagedLayerCache(self, i, meta, w) for i, w in enumerate(windows)]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.keys + self.values
+
+
+class PagedLayerCache:
+    """One layer's view of the store for one step (implements ``LayerCache``)."""
+
+    def __init__(self, store: PagedKVStore, layer: int, meta: AttentionMetadata, window):
+        self.store, self.layer, self.meta, self.window = store, layer, meta, window
+
+    def rotate(self, rope: nn.Module, x: mx.array) -> mx.array:
+        # x: [1, H, T, D] -> per-token rows [T, H, 1, D], each at its own position.
+        rows = x.transpose(2, 1, 0, 3)
+        return rope(rows, self.meta.positions).transpose(2, 1, 0, 3)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
+        meta, store, i = self.meta, self.store, self.layer
+        # Write first: a token attends to its own key. Only the store references a pool, so
+        # MLX's scatter can update it in place instead of copying it.
+        store.keys[i][meta.slot_mapping] = k[0].transpose(1, 0, 2)  # [T, Hkv, D]
+        store.values[i][meta.slot_mapping] = v[0].transpose(1, 0, 2)
+        k_pool, v_pool = store.keys[i], store.values[i]
+        outs = []
+        if meta.num_decodes:
+            qd = q[0, :, : meta.num_decodes].transpose(1, 0, 2)[:, :, None, :]  # [Bd, H, 1, D]
+            out = paged_decode_attention(
+                qd,
+                k_pool,
+                v_pool,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                block_size=meta.block_size,
+                window=self.window,
+                scale=scale,
+            )
+            outs.append(out[:, :, 0, :].transpose(1, 0, 2)[None])  # [1, H, Bd, D]
+        for seg in meta.prefills:
+            qs = q[:, :, seg.start : seg.start + seg.length]  # [1, H, S, D]
+            keys = gather_kv(k_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
+            values = gather_kv(v_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
+            mask = attention_mask(seg.length, seg.seq_len - seg.length, self.window)
+            outs.append(attention(qs, keys, values, scale=scale, mask=mask))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
