@@ -26,7 +26,8 @@ class ModelRunnerOutput:
 class RequestOutput:
     """New tokens of one request since its previous output; the last one has ``finished``.
 
-    ``finish_reason`` is "stop", "length" or "abort" once finished. ``error`` is set when the
+    ``finish_reason`` is "stop", "length" or "abort" once finished. Times are
+    ``time.monotonic()`` based, as is ``EngineRequest.arrival_time``. ``error`` is set when the
     request failed on its own (the engine goes on serving the others).
     """
 
@@ -39,3 +40,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
+    queued_s: float | None = None  # on the first token: arrival to first scheduled (seconds)

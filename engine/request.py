@@ -44,6 +44,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() at first admission
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
 
     @property

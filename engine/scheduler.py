@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -115,7 +116,8 @@ class Scheduler:
             if self.kv.allocate_slots(request, n, hit_blocks) is None:
                 break
             self.waiting.popleft()
-            if request.num_preemptions == 0:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
                 request.num_cached_tokens = num_hit
             request.num_computed_tokens = num_hit
             request.status = RequestStatus.RUNNING
@@ -151,6 +153,7 @@ class Scheduler:
                     num_cached_tokens=request.num_cached_tokens,
                     num_output_tokens=request.num_output_tokens,
                     logprobs=(logprob,) if logprob else (),
+                    queued_s=_queued(request) if request.num_output_tokens == 1 else None,
                 )
             )
         self._update_stats()
@@ -198,3 +201,9 @@ class Scheduler:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_usage = self.kv.usage
+
+
+def _queued(request: Request) -> float | None:
+    if request.first_scheduled_time is None or not request.arrival_time:
+        return None
+    return max(request.first_scheduled_time - request.arrival_time, 0.0)

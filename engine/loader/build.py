@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,9 +14,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.models.base import CausalLM
-
-if TYPE_CHECKING:
-    from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -35,6 +33,8 @@ class LoadedModel:
     name: str  # the id clients see, e.g. the folder name or the GGUF file stem
     path: Path
     dtype: mx.Dtype
+    # Sampling defaults the model ships (generation_config.json), used where a request is silent.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

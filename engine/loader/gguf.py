@@ -15,6 +15,7 @@ from engine.loader.build import LoadedModel, WeightsError, build_model, progress
 from engine.loader.gguf_metadata import open_gguf, read_metadata
 from engine.loader.gguf_tensors import AffineQuantized, tensor_to_mlx
 from engine.models.registry import architecture
+from engine.tokenizer import Tokenizer
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -160,8 +161,6 @@ def _take_rows(value: mx.array | AffineQuantized, rows: np.ndarray) -> mx.array 
 
 
 def load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
-    from engine.tokenizer import Tokenizer
-
     model, meta = load_gguf_model(path, dtype)
     return LoadedModel(
         model=model,

@@ -12,6 +12,7 @@ from engine.config import ConfigError
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
 from engine.models.base import CausalLM
 from engine.models.registry import config_from_hf
+from engine.tokenizer import Tokenizer
 
 # Buffers some exporters save that are not weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -61,8 +62,6 @@ def load_hf_model(folder: Path, dtype: mx.Dtype) -> CausalLM:
 
 
 def load_hf(folder: Path, dtype: mx.Dtype) -> LoadedModel:
-    from engine.tokenizer import Tokenizer
-
     model = load_hf_model(folder, dtype)
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(
@@ -72,4 +71,18 @@ def load_hf(folder: Path, dtype: mx.Dtype) -> LoadedModel:
         name=folder.name,
         path=folder,
         dtype=dtype,
+        generation_defaults=generation_defaults(folder),
     )
+
+
+def generation_defaults(folder: Path) -> dict[str, Any]:
+    """The sampling fields of generation_config.json (temperature, top_p, ...), if any."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: config[k] for k in keys if config.get(k) is not None}
