@@ -189,7 +189,7 @@ class EngineConfig:
     ``max_num_batched_tokens`` is the token budget of one step (decode tokens plus prefill
     chunks); ``long_prefill_chunk`` caps one request's prefill per step so a long prompt never
     stalls the running decodes. ``kv_cache_memory`` (bytes) sizes the block pool; None takes a
-    fraction of the memory left after the weights.
+    fraction of free memory (on the CPU capped at 2 GiB; ask for more explicitly).
     """
 
     block_size: int = 16

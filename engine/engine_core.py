@@ -35,12 +35,21 @@ def available_memory() -> int:
         return 8 << 30
 
 
+CPU_DEFAULT_KV_CAP = 2 << 30  # the CPU shares its memory with everything else: stay modest
+
+
+def default_kv_budget(engine: EngineConfig) -> int:
+    """A fraction of free device memory; on the CPU at most CPU_DEFAULT_KV_CAP."""
+    budget = int(available_memory() * engine.kv_cache_memory_fraction)
+    return min(budget, CPU_DEFAULT_KV_CAP) if mx.default_device() == mx.cpu else budget
+
+
 def num_kv_blocks(cfg: ModelConfig, engine: EngineConfig, dtype: mx.Dtype) -> int:
     """Blocks that fit the KV memory budget, and never more than the longest possible batch."""
     if engine.num_blocks is not None:
         return engine.num_blocks
     per_block = PagedKVStore.bytes_per_block(cfg, engine.block_size, dtype)
-    budget = engine.kv_cache_memory or int(available_memory() * engine.kv_cache_memory_fraction)
+    budget = engine.kv_cache_memory or default_kv_budget(engine)
     ceiling = engine.max_num_seqs * -(-cfg.max_position_embeddings // engine.block_size) + 1
     blocks = min(budget // per_block, ceiling)
     if blocks < 2:

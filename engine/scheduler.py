@@ -79,6 +79,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED_ABORTED
         self.kv.free(request)
+        self._update_stats()
         return request
 
     @property

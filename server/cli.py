@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +33,104 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=run_generate)
+
+    srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    env = _env
+    srv.add_argument(
+        "--model",
+        default=env("MODEL"),
+        help="a Hugging Face model folder or a .gguf file (default: SmolLM2)",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        default=env("SERVED_MODEL_NAME"),
+        help="the id in /v1/models (default: folder name or GGUF file stem)",
+    )
+    srv.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    srv.add_argument("--port", type=int, default=int(env("PORT", "8000")))
+    srv.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        default=None,
+        help="require Authorization: Bearer KEY (repeatable; env CANDLEWICK_API_KEY, "
+        "comma-separated)",
+    )
+    srv.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "256")))
+    srv.add_argument("--max-num-seqs", type=int, default=int(env("MAX_NUM_SEQS", "64")))
+    srv.add_argument(
+        "--max-num-batched-tokens", type=int, default=int(env("MAX_NUM_BATCHED_TOKENS", "2048"))
+    )
+    srv.add_argument("--data-dir", default=env("DATA_DIR", "~/.candlewick"))
+    srv.add_argument(
+        "--kv-cache-memory",
+        type=_bytes,
+        default=env("KV_CACHE_MEMORY"),
+        help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)",
+    )
+    srv.add_argument(
+        "--allowed-origins",
+        default=env("ALLOWED_ORIGINS", ""),
+        help="comma-separated CORS origins (default: CORS off)",
+    )
+    srv.add_argument("--shutdown-grace", type=float, default=float(env("SHUTDOWN_GRACE", "30")))
+    srv.set_defaults(run=run_serve)
     return parser
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CANDLEWICK_{name}", default)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 10**9,
+    "gib": 1 << 30,
+}
+
+
+def _bytes(text: str | None) -> int | None:
+    """'2GiB', '512m', '1000000' -> bytes."""
+    if text is None or text == "":
+        return None
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+    from server.settings import ServerSettings
+
+    keys = list(args.api_keys or [])
+    if not keys and _env("API_KEY"):
+        keys = [k for k in _env("API_KEY").split(",") if k]
+    settings = ServerSettings(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys),
+        max_queue=args.max_queue,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        data_dir=Path(args.data_dir).expanduser(),
+        kv_cache_memory=_bytes(args.kv_cache_memory)
+        if isinstance(args.kv_cache_memory, str)
+        else args.kv_cache_memory,
+        allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
+        shutdown_grace=args.shutdown_grace,
+    )
+    return serve(settings)
 
 
 def run_generate(args: argparse.Namespace) -> int:

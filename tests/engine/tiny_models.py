@@ -45,14 +45,14 @@ ARCHS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_tiny(arch: str, folder: Path, seed: int = 0):
+def build_tiny(arch: str, folder: Path, seed: int = 0, **overrides):
     """Write a tiny random model of `arch` to `folder` (config.json + model.safetensors) and
     return the transformers model (float32, eager attention) that wrote it."""
     import torch
     import transformers
 
     cls_name, extra = ARCHS[arch]
-    config = getattr(transformers, cls_name)(**BASE, **extra)
+    config = getattr(transformers, cls_name)(**{**BASE, **extra, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

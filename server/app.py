@@ -1,0 +1,76 @@
+"""The FastAPI application: routes, auth, CORS, errors, and the model loading behind /health."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.errors import Unauthorized, install_error_handlers
+from server.routes import completions, health, models, tokenize
+from server.settings import ServerSettings
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth on every route it guards; keys compared in constant time."""
+    keys = request.app.state.cw.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    ok = False
+    for key in keys:  # no early exit: every key is compared
+        ok |= hmac.compare_digest(presented, key.encode())
+    if not ok:
+        raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)")
+
+
+def create_app(settings: ServerSettings, state: ServerState | None = None) -> FastAPI:
+    """An app for ``settings``. With a started ``state`` (tests) it serves at once; otherwise
+    the model loads in a thread at startup while /health answers 503."""
+    state = state or ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        loading = None
+        if not state.ready:
+            loading = asyncio.get_running_loop().run_in_executor(None, _load, state)
+        try:
+            yield
+        finally:
+            if loading is not None:
+                await loading
+            state.stop()
+
+    app = FastAPI(title="candlewick", lifespan=lifespan)
+    app.state.cw = state
+    install_error_handlers(app)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    guarded = [Depends(require_api_key)]
+    app.include_router(completions.router, dependencies=guarded)
+    app.include_router(models.router, dependencies=guarded)
+    app.include_router(tokenize.router, dependencies=guarded)
+    app.include_router(health.router)
+    return app
+
+
+def _load(state: ServerState) -> None:
+    try:
+        state.start()
+    except Exception as e:
+        log.exception("loading the model failed")
+        state.load_error = f"{type(e).__name__}: {e}"

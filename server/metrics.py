@@ -1,0 +1,90 @@
+"""Prometheus metrics, named as SPEC.md names them. Request and token series carry `model`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # the *_created series only double what a scrape already shows
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """Engine-side numbers read at scrape time (the engine owns them; we only read)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+    adapters_loaded: int
+    adapter_swaps: int
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._snapshot()
+        gauges = (
+            ("candlewick_num_requests_running", "Sequences in the running batch", s.num_running),
+            ("candlewick_num_requests_waiting", "Sequences waiting to be scheduled", s.num_waiting),
+            ("candlewick_kv_cache_usage_ratio", "Fraction of KV blocks in use", s.kv_usage),
+            ("candlewick_adapters_loaded", "LoRA adapters resident", s.adapters_loaded),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = (
+            ("candlewick_prefix_cache_queries", "Prompt tokens looked up", s.prefix_queries),
+            ("candlewick_prefix_cache_hits", "Prompt tokens found cached", s.prefix_hits),
+            ("candlewick_preemptions", "Sequences preempted for KV space", s.preemptions),
+            ("candlewick_adapter_swaps", "Adapter versions replaced or loaded", s.adapter_swaps),
+        )
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    """Every series in one registry per app (so tests can build many apps)."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "candlewick_time_to_first_token_seconds", "Time to first token", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "candlewick_inter_token_latency_seconds", "Time between output tokens", ["model"],
+            buckets=_ITL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "candlewick_e2e_request_latency_seconds", "Request latency", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "candlewick_request_queue_time_seconds", "Time waiting before first scheduled",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "candlewick_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "candlewick_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.requests = Counter(
+            "candlewick_requests", "Finished requests", ["model", "finish_reason"], registry=r
+        )
+        r.register(_EngineCollector(snapshot))

@@ -1,0 +1,1 @@
+"""One module per endpoint family; handlers stay short and call into serving."""

@@ -1,0 +1,38 @@
+"""Server settings: command-line flags, each also readable from a CANDLEWICK_* variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    model: str | None = None  # None: the default model
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = 256
+    max_num_seqs: int = 64
+    data_dir: Path = field(default_factory=lambda: Path("~/.candlewick").expanduser())
+    kv_cache_memory: int | None = None
+    allowed_origins: tuple[str, ...] = ()
+    shutdown_grace: float = 30.0
+    max_num_batched_tokens: int = 2048
+    num_blocks: int | None = None  # fixes the KV pool size (tests, reproducible benchmarks)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_queue < 0:
+            problems.append(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_num_seqs < 1:
+            problems.append(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if not 0 < self.port < 65536:
+            problems.append(f"--port must be in 1..65535, got {self.port}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            problems.append(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+        if self.shutdown_grace < 0:
+            problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
+        if problems:
+            raise ValueError("; ".join(problems))

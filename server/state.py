@@ -1,0 +1,88 @@
+"""Everything the routes share: the loaded model, the engine, metrics, admission."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.loader.build import LoadedModel
+from engine.loader.load import load_model
+from server.admission import Admission
+from server.metrics import EngineSnapshot, ServerMetrics
+from server.serving import OpenAIServing
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Set up once; ``serving`` is None until the model is loaded (``/health`` says 503)."""
+
+    settings: ServerSettings
+    metrics: ServerMetrics | None = None
+    admission: Admission | None = None
+    serving: OpenAIServing | None = None
+    engine: AsyncEngine | None = None
+    started: float = field(default_factory=time.time)
+    load_error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = ServerMetrics(self.snapshot)
+
+    @property
+    def ready(self) -> bool:
+        return self.serving is not None
+
+    def snapshot(self) -> EngineSnapshot:
+        if self.engine is None:
+            return EngineSnapshot(0, 0, 0.0, 0, 0, 0, 0, 0)
+        core = self.engine.core
+        stats, prefix = core.scheduler.stats, core.kv.prefix_cache_stats
+        return EngineSnapshot(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_usage=stats.kv_usage,
+            prefix_queries=prefix.queries,
+            prefix_hits=prefix.hits,
+            preemptions=stats.num_preemptions,
+            adapters_loaded=0,
+            adapter_swaps=0,
+        )
+
+    def start(self, loaded: LoadedModel | None = None) -> None:
+        """Load the model (unless given) and start the engine; called once, off the loop."""
+        s = self.settings
+        loaded = loaded or load_model(s.model)
+        config = EngineConfig(
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            kv_cache_memory=s.kv_cache_memory,
+            num_blocks=s.num_blocks,
+        )
+        core = EngineCore(loaded.model, config, loaded.dtype)
+        capacity = (core.num_blocks - 1) * config.block_size
+        max_model_len = min(loaded.config.max_position_embeddings, capacity)
+        self.engine = AsyncEngine(core)
+        self.admission = Admission(s.max_num_seqs, s.max_queue)
+        self.serving = OpenAIServing(
+            engine=self.engine,
+            loaded=loaded,
+            metrics=self.metrics,
+            admission=self.admission,
+            max_model_len=max_model_len,
+            served_name=s.served_model_name or loaded.name,
+            generation_defaults=loaded.generation_defaults,
+        )
+        log.info(
+            "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
+        )
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()

@@ -1,0 +1,66 @@
+"""One choice's text as it streams: detokenized, cut at the first stop string, and never
+showing the start of a stop string before it is known whether the stop string follows."""
+
+from __future__ import annotations
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer import Tokenizer
+
+
+class TextStream:
+    """Feed token ids, get text that is safe to send.
+
+    Invariant: the text sent so far contains no stop string, and no suffix of it is held back
+    unless it is a proper prefix of some stop string. So a stop string that appears later starts
+    inside the held-back text, and searching that text alone finds it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_special_tokens: bool = True):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._stop = [s for s in stop if s]
+        self._held = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """The text this token releases ("" while held back); nothing once stopped."""
+        if self.stopped:
+            return ""
+        self._held += self._detok.add(token_id)
+        return self._release()
+
+    def finish(self) -> str:
+        """Everything still held, at the end of the stream."""
+        if self.stopped:
+            return ""
+        self._held += self._detok.flush()
+        out = self._cut_at_stop()
+        if out is not None:
+            return out
+        out, self._held = self._held, ""
+        return out
+
+    def _release(self) -> str:
+        out = self._cut_at_stop()
+        if out is not None:
+            return out
+        hold = self._longest_partial_stop()
+        cut = len(self._held) - hold
+        out, self._held = self._held[:cut], self._held[cut:]
+        return out
+
+    def _cut_at_stop(self) -> str | None:
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if not hits:
+            return None
+        self.stopped = True
+        out, self._held = self._held[: min(hits)], ""
+        return out
+
+    def _longest_partial_stop(self) -> int:
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._held)), best, -1):
+                if self._held.endswith(s[:n]):
+                    best = n
+                    break
+        return best
