@@ -21,6 +21,8 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
+from engine.loader.gguf_reader import GGUFTensor
+
 _T = gguf.GGMLQuantizationType
 GROUP_SIZE = 32
 SUPPORTED_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
@@ -102,7 +104,9 @@ def dense(t: mx.array | AffineQuantized) -> mx.array:
     return t.dequantize() if isinstance(t, AffineQuantized) else t
 
 
-def tensor_to_mlx(tensor: gguf.ReaderTensor, dtype: mx.Dtype) -> mx.array | AffineQuantized:
+def tensor_to_mlx(
+    tensor: gguf.ReaderTensor | GGUFTensor, dtype: mx.Dtype
+) -> mx.array | AffineQuantized:
     """One GGUF tensor in PyTorch/HF orientation ([out_features, in_features] for a linear).
 
     GGUF lists dimensions innermost first (ne0 = in_features), and `GGUFReader` already exposes

