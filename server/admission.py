@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.errors import QueueFull, Unavailable
+from server.errors import BadRequest, QueueFull, Unavailable
 
 
 class Lease:
@@ -37,6 +37,11 @@ class Admission:
     def acquire(self, n: int) -> Lease:
         if self.draining:
             raise Unavailable("the server is shutting down")
+        if n > self.limit:
+            raise BadRequest(
+                f"n={n} is more sequences than this server ever holds at once ({self.limit})",
+                param="n",
+            )
         if self.inflight + n > self.limit:
             raise QueueFull(
                 f"the server is at capacity ({self.inflight} sequences in flight, limit "

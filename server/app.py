@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.errors import Unauthorized, install_error_handlers
+from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
 from server.routes import completions, health, models, tokenize
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -53,6 +53,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app = FastAPI(title="candlewick", lifespan=lifespan)
     app.state.cw = state
     install_error_handlers(app)
+    limit_body(app, settings.max_request_bytes)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -72,5 +73,20 @@ def _load(state: ServerState) -> None:
     try:
         state.start()
     except Exception as e:
-        log.exception("loading the model failed")
+        log.error("loading the model failed: %s", e)
         state.load_error = f"{type(e).__name__}: {e}"
+        if state.on_load_failed is not None:
+            state.on_load_failed()
+
+
+def limit_body(app: FastAPI, max_bytes: int) -> None:
+    """413 for a request whose declared body is larger than ``max_bytes``."""
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            return error_response(
+                TooLarge(f"the request body has {length} bytes; the limit is {max_bytes}")
+            )
+        return await call_next(request)

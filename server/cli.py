@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the id in /v1/models (default: folder name or GGUF file stem)",
     )
     srv.add_argument("--host", default=env("HOST", "127.0.0.1"))
-    srv.add_argument("--port", type=int, default=int(env("PORT", "8000")))
+    srv.add_argument("--port", type=int, default=env("PORT", "8000"))
     srv.add_argument(
         "--api-key",
         action="append",
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="require Authorization: Bearer KEY (repeatable; env CANDLEWICK_API_KEY, "
         "comma-separated)",
     )
-    srv.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "256")))
-    srv.add_argument("--max-num-seqs", type=int, default=int(env("MAX_NUM_SEQS", "64")))
+    srv.add_argument("--max-queue", type=int, default=env("MAX_QUEUE", "256"))
+    srv.add_argument("--max-num-seqs", type=int, default=env("MAX_NUM_SEQS", "64"))
     srv.add_argument(
         "--max-num-batched-tokens", type=int, default=int(env("MAX_NUM_BATCHED_TOKENS", "2048"))
     )
@@ -73,13 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("ALLOWED_ORIGINS", ""),
         help="comma-separated CORS origins (default: CORS off)",
     )
-    srv.add_argument("--shutdown-grace", type=float, default=float(env("SHUTDOWN_GRACE", "30")))
+    srv.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", "30"))
     srv.set_defaults(run=run_serve)
     return parser
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"CANDLEWICK_{name}", default)
+    """CANDLEWICK_<name>; empty counts as unset. Returned as text: argparse applies each
+    option's type to it, so a bad value is a usage error naming the option, not a traceback."""
+    return os.environ.get(f"CANDLEWICK_{name}") or default
 
 
 _UNITS = {
@@ -124,9 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         data_dir=Path(args.data_dir).expanduser(),
-        kv_cache_memory=_bytes(args.kv_cache_memory)
-        if isinstance(args.kv_cache_memory, str)
-        else args.kv_cache_memory,
+        kv_cache_memory=args.kv_cache_memory,
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
         shutdown_grace=args.shutdown_grace,
     )

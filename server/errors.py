@@ -77,6 +77,8 @@ def error_response(e: APIError) -> JSONResponse:
 def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     """Every bad field, one clause each: "messages: Field required; top_p: ..."."""
     parts, params = [], []
+    if any(err.get("type") == "json_invalid" for err in e.errors()):
+        return "the request body is not valid JSON", None
     for err in e.errors():
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
         where = ".".join(loc) or "body"

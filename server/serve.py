@@ -71,5 +71,14 @@ def serve(settings: ServerSettings) -> int:
         log_level="info",
         timeout_graceful_shutdown=1,
     )
-    DrainingServer(config, state).run()
+    server = DrainingServer(config, state)
+
+    def give_up() -> None:
+        server.should_exit = True  # read by uvicorn's main loop; nothing to serve
+
+    state.on_load_failed = give_up
+    server.run()
+    if state.load_error:
+        print(f"candlewick: error: {state.load_error}", file=sys.stderr)
+        return 1
     return 0

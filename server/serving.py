@@ -246,8 +246,10 @@ class OpenAIServing:
                 if out.new_token_ids:
                     self._observe_tokens(model, out, generated, now - start, now - last)
                     last = now
+                if generated == 0 and index == 0:
+                    self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt_ids))
                 generated += len(out.new_token_ids)
-                delta = "".join(text.add(t) for t in out.new_token_ids)
+                delta = "".join(text.add(t) for t in self._visible(out, params))
                 finish = out.finish_reason
                 if text.stopped:
                     finish = "stop"
@@ -266,9 +268,16 @@ class OpenAIServing:
         finally:
             await stream.aclose()
             m = self.metrics
-            m.prompt_tokens.labels(model).inc(len(prepared.prompt_ids))
             m.e2e.labels(model).observe(time.monotonic() - start)
             m.requests.labels(model, finish or "abort").inc()
+
+    def _visible(self, out: RequestOutput, params: SamplingParams) -> tuple[int, ...]:
+        """The tokens whose text the client sees: a stop token id ends the text without
+        appearing in it (as vLLM does); eos tokens are special and skipped anyway."""
+        ids = out.new_token_ids
+        if out.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
+            return ids[:-1]
+        return ids
 
     def _observe_tokens(self, model: str, out: RequestOutput, before: int, since_start, gap):
         m = self.metrics

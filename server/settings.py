@@ -21,11 +21,16 @@ class ServerSettings:
     shutdown_grace: float = 30.0
     max_num_batched_tokens: int = 2048
     num_blocks: int | None = None  # fixes the KV pool size (tests, reproducible benchmarks)
+    max_request_bytes: int = 32 << 20  # larger JSON bodies get 413
 
     def __post_init__(self) -> None:
         problems = []
         if self.max_queue < 0:
             problems.append(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_num_batched_tokens < 1:
+            problems.append(
+                f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.max_num_seqs < 1:
             problems.append(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if not 0 < self.port < 65536:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncEngine
@@ -30,6 +31,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     started: float = field(default_factory=time.time)
     load_error: str | None = None
+    on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -54,14 +54,14 @@ def test_a_full_queue_answers_429_with_retry_after(folder):
     state = started(settings)
     body = {"model": folder.name, "prompt": "x", "max_tokens": 2}
     with running_server(settings, state) as url, httpx.Client(base_url=url, timeout=30) as c:
-        # n beyond what the server may ever hold at once.
+        # n beyond what the server ever holds at once can never succeed: 400, not "retry".
         r = c.post("/v1/completions", json={**body, "n": 4})
-        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
-        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         # Two sequences running and one waiting: the next is refused, never queued forever.
         held = state.admission.acquire(3)
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
         held.release()
         assert c.post("/v1/completions", json=body).status_code == 200
         assert state.admission.inflight == 0
@@ -152,3 +152,49 @@ def test_sigterm_drains_running_requests_then_exits(folder):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_oversized_bodies_and_bad_json_are_clear(folder):
+    settings = ServerSettings(model=str(folder), num_blocks=64, max_request_bytes=1000)
+    with running_server(settings, started(settings)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": folder.name, "prompt": "x" * 2000})
+        assert r.status_code == 413 and "limit is 1000" in r.json()["error"]["message"]
+        r = httpx.post(
+            f"{url}/v1/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "the request body is not valid JSON"
+
+
+def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "absent"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "does not exist" in out.stderr
+
+
+def test_bad_environment_values_are_usage_errors():
+    env = {**os.environ, "CANDLEWICK_PORT": "abc"}
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 2 and "--port" in out.stderr and "Traceback" not in out.stderr
