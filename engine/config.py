@@ -200,10 +200,20 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     num_blocks: int | None = None  # overrides the memory sizing (tests)
     enable_prefix_caching: bool = True
+    max_loras: int = 0  # adapter slots on the device (0: no LoRA support built)
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_chunk"):
+        if self.max_loras < 0:
+            problems.append(f"max_loras must be >= 0, got {self.max_loras}")
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "long_prefill_chunk",
+            "max_lora_rank",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

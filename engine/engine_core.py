@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from adapters.slots import AdapterSlots, slot_bytes
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
@@ -44,18 +45,21 @@ def default_kv_budget(engine: EngineConfig) -> int:
     return min(budget, CPU_DEFAULT_KV_CAP) if mx.default_device() == mx.cpu else budget
 
 
-def num_kv_blocks(cfg: ModelConfig, engine: EngineConfig, dtype: mx.Dtype) -> int:
-    """Blocks that fit the KV memory budget, and never more than the longest possible batch."""
+def num_kv_blocks(
+    cfg: ModelConfig, engine: EngineConfig, dtype: mx.Dtype, reserved: int = 0
+) -> int:
+    """Blocks that fit the memory budget less ``reserved`` bytes (adapter slots), and never
+    more than the longest possible batch needs."""
     if engine.num_blocks is not None:
         return engine.num_blocks
     per_block = PagedKVStore.bytes_per_block(cfg, engine.block_size, dtype)
-    budget = engine.kv_cache_memory or default_kv_budget(engine)
+    budget = (engine.kv_cache_memory or default_kv_budget(engine)) - reserved
     ceiling = engine.max_num_seqs * -(-cfg.max_position_embeddings // engine.block_size) + 1
     blocks = min(budget // per_block, ceiling)
     if blocks < 2:
         raise ValueError(
-            f"a KV cache of {budget} bytes holds no block ({per_block} bytes each): "
-            "raise --kv-cache-memory"
+            f"a KV cache of {budget} bytes (after {reserved} for adapter slots) holds no block "
+            f"({per_block} bytes each): raise --kv-cache-memory or lower --max-loras"
         )
     return blocks
 
@@ -65,11 +69,17 @@ class EngineCore:
 
     def __init__(self, model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> None:
         self.config = config
-        self.num_blocks = num_kv_blocks(model.config, config, dtype)
+        self.slots = None
+        reserved = 0
+        if config.max_loras > 0:
+            reserved = (config.max_loras + 1) * slot_bytes(model, config.max_lora_rank, dtype)
+        self.num_blocks = num_kv_blocks(model.config, config, dtype, reserved)
+        if config.max_loras > 0:
+            self.slots = AdapterSlots(model, config.max_loras, config.max_lora_rank, dtype)
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv)
+        self.scheduler = Scheduler(config, self.kv, self.slots)
         store = PagedKVStore(model.config, self.num_blocks, config.block_size, dtype)
-        self.runner = ModelRunner(model, store)
+        self.runner = ModelRunner(model, store, self.slots)
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request.to_request())

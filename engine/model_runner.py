@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from adapters.slots import AdapterSlots
 from engine.models.base import CausalLM
 from engine.models.paged import AttentionMetadata, PagedKVStore, PrefillSegment
 from engine.outputs import ModelRunnerOutput, TokenLogprob
@@ -27,14 +28,18 @@ class ModelInput:
     attention: AttentionMetadata
     logits_indices: mx.array  # [R] int32
     sampling: tuple[ScheduledRequest, ...]
+    token_slots: list[int]  # [T] each token's adapter slot (0: the base model)
 
 
 class ModelRunner:
     """Owns the model and the device KV pools; only the engine thread calls it."""
 
-    def __init__(self, model: CausalLM, store: PagedKVStore) -> None:
+    def __init__(
+        self, model: CausalLM, store: PagedKVStore, slots: AdapterSlots | None = None
+    ) -> None:
         self.model = model
         self.store = store
+        self.slots = slots
         self.sampler = Sampler()
         self.windows = [layer.window for layer in model.model.layers]
 
@@ -42,6 +47,8 @@ class ModelRunner:
         if not output.scheduled:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(output)
+        if self.slots is not None:
+            self.slots.set_step(inputs.token_slots)
         caches = self.store.layer_caches(inputs.attention, self.windows)
         hidden = self.model.hidden(inputs.token_ids[None], caches)[0]  # [T, hidden]
         if not inputs.sampling:
@@ -76,10 +83,12 @@ class ModelRunner:
         segments: list[PrefillSegment] = []
         sampling: list[ScheduledRequest] = []
         logits_indices: list[int] = []
+        token_slots: list[int] = []
         for item in decodes + prefills:
             start = len(tokens)
             all_ids = item.request.all_token_ids
             tokens.extend(all_ids[item.start : item.start + item.num_tokens])
+            token_slots.extend([item.request.lora_slot] * item.num_tokens)
             pos = np.arange(item.start, item.start + item.num_tokens)
             table = np.asarray(item.block_ids, dtype=np.int64)
             positions.append(pos)
@@ -120,4 +129,5 @@ class ModelRunner:
             attention=attention,
             logits_indices=mx.array(logits_indices, dtype=mx.int32),
             sampling=tuple(sampling),
+            token_slots=token_slots,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from adapters.types import AdapterVersion
 from engine.sampling_params import SamplingParams
 
 
@@ -45,6 +46,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() at first admission
+    lora: AdapterVersion | None = None  # the adapter pinned for this request, if any
+    lora_slot: int = 0  # its device slot while running (0: the base model)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
 
     @property
@@ -90,6 +93,7 @@ class EngineRequest:
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None
     arrival_time: float = 0.0
+    lora: AdapterVersion | None = None
 
     def to_request(self) -> Request:
         return Request(
@@ -99,4 +103,5 @@ class EngineRequest:
             eos_token_ids=self.eos_token_ids,
             arrival_time=self.arrival_time,
             cache_salt=self.cache_salt,
+            lora=self.lora,
         )

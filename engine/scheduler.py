@@ -5,11 +5,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
 from engine.outputs import ModelRunnerOutput, RequestOutput
 from engine.request import Request, RequestStatus
+
+
+class AdapterSlotPolicy(Protocol):
+    """Device slots for LoRA adapters: a request runs only while it holds its adapter's slot."""
+
+    def acquire(self, request: Request) -> bool: ...
+
+    def release(self, request: Request) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +65,12 @@ class Scheduler:
     it waits again, to be recomputed (prefix caching usually finds most of it).
     """
 
-    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: EngineConfig, kv: KVCacheManager, slots: AdapterSlotPolicy | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.slots = slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -78,7 +90,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED_ABORTED
-        self.kv.free(request)
+        self._free(request)
         self._update_stats()
         return request
 
@@ -112,9 +124,13 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
+            if self.slots is not None and not self.slots.acquire(request):
+                break  # every adapter slot is pinned by running requests
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget, self.config.long_prefill_chunk)
             if self.kv.allocate_slots(request, n, hit_blocks) is None:
+                if self.slots is not None:
+                    self.slots.release(request)
                 break
             self.waiting.popleft()
             if request.first_scheduled_time is None:
@@ -182,7 +198,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        self._free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -195,8 +211,14 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        self._free(request)
         self.requests.pop(request.request_id, None)
+
+    def _free(self, request: Request) -> None:
+        """Give back everything a request holds: its KV blocks and its adapter slot."""
+        self.kv.free(request)
+        if self.slots is not None:
+            self.slots.release(request)
 
     def _update_stats(self) -> None:
         self.stats.num_running = len(self.running)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from server.errors import BadRequest, QueueFull, Unavailable
 
 
 class Lease:
-    """Room for ``n`` sequences, given back once (on exit, or ``release``)."""
+    """Room for ``n`` sequences, given back once (on exit, or ``release``), together with
+    whatever else the request holds (``also``: e.g. its adapter pin)."""
 
     def __init__(self, admission: Admission, n: int) -> None:
         self._admission, self._n = admission, n
+        self._also: list[Callable[[], None]] = []
+
+    def also(self, release: Callable[[], None]) -> None:
+        self._also.append(release)
 
     def release(self) -> None:
         if self._n:
             self._admission.inflight -= self._n
             self._n = 0
+            for release in self._also:
+                release()
 
     def __enter__(self) -> Lease:
         return self

@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
-from server.routes import completions, health, models, tokenize
+from server.routes import adapters, completions, health, models, tokenize
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -53,7 +53,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app = FastAPI(title="candlewick", lifespan=lifespan)
     app.state.cw = state
     install_error_handlers(app)
-    limit_body(app, settings.max_request_bytes)
+    limit_body(app, settings.max_request_bytes, settings.max_adapter_bytes)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -65,6 +65,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app.include_router(completions.router, dependencies=guarded)
     app.include_router(models.router, dependencies=guarded)
     app.include_router(tokenize.router, dependencies=guarded)
+    app.include_router(adapters.router, dependencies=guarded)
     app.include_router(health.router)
     return app
 
@@ -79,14 +80,17 @@ def _load(state: ServerState) -> None:
             state.on_load_failed()
 
 
-def limit_body(app: FastAPI, max_bytes: int) -> None:
-    """413 for a request whose declared body is larger than ``max_bytes``."""
+def limit_body(app: FastAPI, max_bytes: int, max_upload_bytes: int) -> None:
+    """413 for a request whose declared body is larger than its limit (adapter uploads have
+    their own, larger one; multipart framing gets a little room)."""
 
     @app.middleware("http")
     async def _limit(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes:
+        upload = request.url.path == "/v1/adapters" and request.method == "POST"
+        limit = max_upload_bytes + (1 << 16) if upload else max_bytes
+        if length and length.isdigit() and int(length) > limit:
             return error_response(
-                TooLarge(f"the request body has {length} bytes; the limit is {max_bytes}")
+                TooLarge(f"the request body has {length} bytes; the limit is {limit}")
             )
         return await call_next(request)

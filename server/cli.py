@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("ALLOWED_ORIGINS", ""),
         help="comma-separated CORS origins (default: CORS off)",
     )
+    srv.add_argument(
+        "--max-loras",
+        type=int,
+        default=env("MAX_LORAS", "4"),
+        help="LoRA adapters resident on the device at once (0 turns LoRA off)",
+    )
+    srv.add_argument("--max-lora-rank", type=int, default=env("MAX_LORA_RANK", "16"))
+    srv.add_argument(
+        "--max-adapters",
+        type=int,
+        default=env("MAX_ADAPTERS", "64"),
+        help="adapter names registered at once",
+    )
+    srv.add_argument("--max-adapter-bytes", type=_bytes, default=env("MAX_ADAPTER_BYTES", "512MiB"))
+    srv.add_argument(
+        "--adapter-dir",
+        default=env("ADAPTER_DIR"),
+        help="the only folder /v1/load_lora_adapter may read adapters from",
+    )
     srv.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", "30"))
     srv.set_defaults(run=run_serve)
     return parser
@@ -129,6 +148,11 @@ def run_serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory,
         allowed_origins=tuple(o for o in args.allowed_origins.split(",") if o),
         shutdown_grace=args.shutdown_grace,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_adapters=args.max_adapters,
+        max_adapter_bytes=args.max_adapter_bytes,
+        adapter_dir=Path(args.adapter_dir).expanduser() if args.adapter_dir else None,
     )
     return serve(settings)
 

@@ -233,3 +233,12 @@ class DetokenizeRequest(_Lenient):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class LoadLoRARequest(_Lenient):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(_Lenient):
+    lora_name: str

@@ -4,11 +4,14 @@ sampling parameters, run the choices, and turn token outputs back into text even
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from adapters.registry import AdapterRegistry
+from adapters.types import AdapterVersion
 from engine.async_engine import AsyncEngine
 from engine.chat_template import ChatTemplateError
 from engine.loader.build import LoadedModel
@@ -24,9 +27,14 @@ from server.text_stream import TextStream
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """What a request's ``model`` names: the base model (or, later, an adapter on it)."""
+    """What a request's ``model`` names: the base model, or a pinned adapter version on it.
+
+    ``cache_salt`` (the adapter's weights and config digests) keeps its KV blocks apart from
+    every other adapter's, and shared with the same adapter under any name.
+    """
 
     name: str
+    adapter: AdapterVersion | None = None
     cache_salt: str | None = None
 
 
@@ -64,7 +72,10 @@ class OpenAIServing:
         max_model_len: int,
         served_name: str,
         generation_defaults: dict | None = None,
+        registry: AdapterRegistry | None = None,
     ) -> None:
+        self.registry = registry
+        self._salts: dict[tuple[str, int], str] = {}
         self.engine = engine
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -81,10 +92,39 @@ class OpenAIServing:
     # -- the model a request names ------------------------------------------------------------
 
     def resolve_model(self, name: str | None) -> ServedModel:
-        """The one place a ``model`` field is understood (adapters will be looked up here)."""
+        """The one place a ``model`` field is understood: the base model or an adapter name.
+
+        An adapter comes back pinned: its version (and files) stay until ``release`` — so a
+        request that resolved v1 finishes on v1 even if v2 is uploaded meanwhile.
+        """
         if name in (None, "", self.served_name):
             return ServedModel(self.served_name)
-        raise NotFound(f"the model {name!r} does not exist", param="model", code="model_not_found")
+        version = self.registry.acquire(name) if self.registry is not None else None
+        if version is None:
+            raise NotFound(
+                f"the model {name!r} does not exist", param="model", code="model_not_found"
+            )
+        return ServedModel(name, adapter=version, cache_salt=self._salt(version))
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless ``name`` is the base model or a registered adapter (pins nothing)."""
+        if name in (None, "", self.served_name):
+            return
+        if self.registry is None or self.registry.resolve(name) is None:
+            raise NotFound(
+                f"the model {name!r} does not exist", param="model", code="model_not_found"
+            )
+
+    def release(self, served: ServedModel) -> None:
+        if served.adapter is not None and self.registry is not None:
+            self.registry.unpin(served.adapter)
+
+    def _salt(self, version: AdapterVersion) -> str:
+        key = (version.name, version.version)
+        if key not in self._salts:
+            config = hashlib.sha256(version.config_path.read_bytes()).hexdigest()
+            self._salts[key] = f"{version.digest}+{config}"
+        return self._salts[key]
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -122,7 +162,6 @@ class OpenAIServing:
         logprobs: int | None,
         prefix: str,
     ) -> PreparedRequest:
-        served = self.resolve_model(req.model)
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
         room = self.max_model_len - len(prompt_ids)
@@ -175,7 +214,7 @@ class OpenAIServing:
             raise BadRequest(f"token ids out of range [0, {vocab}): {bad[:10]}")
         return PreparedRequest(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
-            served=served,
+            served=self.resolve_model(req.model),
             prompt_ids=prompt_ids,
             params=params,
             n=req.n,
@@ -186,8 +225,14 @@ class OpenAIServing:
 
     def admit(self, prepared: PreparedRequest) -> Lease:
         """Claim room for the request's sequences now, so a full server answers 429 before any
-        response starts; ``run`` gives the room back when the request ends."""
-        return self.admission.acquire(prepared.n)
+        response starts; ``run`` gives the room (and the adapter pin) back when it ends."""
+        try:
+            lease = self.admission.acquire(prepared.n)
+        except Exception:
+            self.release(prepared.served)
+            raise
+        lease.also(lambda: self.release(prepared.served))
+        return lease
 
     async def run(self, prepared: PreparedRequest, lease: Lease) -> AsyncIterator[ChoiceEvent]:
         """Events of all n choices, interleaved as they come."""
@@ -231,6 +276,7 @@ class OpenAIServing:
             eos_token_ids=self.eos_ids,
             cache_salt=prepared.served.cache_salt,
             arrival_time=time.monotonic(),
+            lora=prepared.served.adapter,
         )
         model = prepared.served.name
         text = TextStream(self.tokenizer, prepared.stop)

@@ -22,6 +22,11 @@ class ServerSettings:
     max_num_batched_tokens: int = 2048
     num_blocks: int | None = None  # fixes the KV pool size (tests, reproducible benchmarks)
     max_request_bytes: int = 32 << 20  # larger JSON bodies get 413
+    max_loras: int = 4  # adapters resident on the device at once
+    max_lora_rank: int = 16
+    max_adapters: int = 64  # adapter names registered at once
+    max_adapter_bytes: int = 512 << 20  # one upload (config + weights)
+    adapter_dir: Path | None = None  # the only folder /v1/load_lora_adapter may read from
 
     def __post_init__(self) -> None:
         problems = []
@@ -37,6 +42,12 @@ class ServerSettings:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             problems.append(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+        if self.max_loras < 0:
+            problems.append(f"--max-loras must be >= 0, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            problems.append(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_adapter_bytes < 1:
+            problems.append(f"--max-adapter-bytes must be >= 1, got {self.max_adapter_bytes}")
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if problems:

@@ -7,11 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.loader.build import LoadedModel
 from engine.loader.load import load_model
+from server.adapter_service import AdapterService
 from server.admission import Admission
 from server.metrics import EngineSnapshot, ServerMetrics
 from server.serving import OpenAIServing
@@ -29,6 +32,8 @@ class ServerState:
     admission: Admission | None = None
     serving: OpenAIServing | None = None
     engine: AsyncEngine | None = None
+    registry: AdapterRegistry | None = None
+    adapters: AdapterService | None = None
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
@@ -53,8 +58,8 @@ class ServerState:
             prefix_queries=prefix.queries,
             prefix_hits=prefix.hits,
             preemptions=stats.num_preemptions,
-            adapters_loaded=0,
-            adapter_swaps=0,
+            adapters_loaded=core.slots.resident if core.slots else 0,
+            adapter_swaps=core.slots.loads if core.slots else 0,
         )
 
     def start(self, loaded: LoadedModel | None = None) -> None:
@@ -66,7 +71,12 @@ class ServerState:
             max_num_batched_tokens=s.max_num_batched_tokens,
             kv_cache_memory=s.kv_cache_memory,
             num_blocks=s.num_blocks,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,
         )
+        if s.max_loras > 0:
+            store = AdapterStore(s.data_dir)
+            self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
         core = EngineCore(loaded.model, config, loaded.dtype)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
@@ -80,7 +90,17 @@ class ServerState:
             max_model_len=max_model_len,
             served_name=s.served_model_name or loaded.name,
             generation_defaults=loaded.generation_defaults,
+            registry=self.registry,
         )
+        if self.registry is not None:
+            self.adapters = AdapterService(
+                self.registry,
+                loaded.config,
+                self.serving.served_name,
+                s.max_lora_rank,
+                s.max_adapter_bytes,
+                s.adapter_dir,
+            )
         log.info(
             "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
         )
@@ -88,3 +108,5 @@ class ServerState:
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.registry is not None:
+            self.registry.store.close()

@@ -15,4 +15,9 @@ async def list_models(request: Request) -> ModelList:
     serving = serving_of(request)
     created = int(state_of(request).started)
     card = ModelCard(id=serving.served_name, created=created, max_model_len=serving.max_model_len)
-    return ModelList(data=[card])
+    adapters = [
+        ModelCard(id=v.name, created=int(v.created), parent=serving.served_name,
+                  max_model_len=serving.max_model_len)
+        for v in (serving.registry.list() if serving.registry else [])
+    ]  # fmt: skip
+    return ModelList(data=[card, *adapters])

@@ -20,7 +20,7 @@ router = APIRouter()
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     serving = serving_of(request)
-    serving.resolve_model(body.model)
+    serving.check_model(body.model)
     if body.messages is not None:
         chat = ChatCompletionRequest(
             model=body.model or serving.served_name,
@@ -36,7 +36,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     serving = serving_of(request)
-    serving.resolve_model(body.model)
+    serving.check_model(body.model)
     vocab = serving.loaded.config.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:

@@ -33,7 +33,9 @@ def started(settings: ServerSettings) -> ServerState:
 
 
 def test_api_keys_guard_everything_but_health_and_metrics(folder):
-    settings = ServerSettings(model=str(folder), api_keys=("k1", "k2"), num_blocks=64)
+    settings = ServerSettings(
+        model=str(folder), data_dir=folder / "data", api_keys=("k1", "k2"), num_blocks=64
+    )
     with running_server(settings, started(settings)) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
@@ -50,7 +52,9 @@ def test_api_keys_guard_everything_but_health_and_metrics(folder):
 
 
 def test_a_full_queue_answers_429_with_retry_after(folder):
-    settings = ServerSettings(model=str(folder), max_num_seqs=2, max_queue=1, num_blocks=64)
+    settings = ServerSettings(
+        model=str(folder), data_dir=folder / "data", max_num_seqs=2, max_queue=1, num_blocks=64
+    )
     state = started(settings)
     body = {"model": folder.name, "prompt": "x", "max_tokens": 2}
     with running_server(settings, state) as url, httpx.Client(base_url=url, timeout=30) as c:
@@ -68,7 +72,7 @@ def test_a_full_queue_answers_429_with_retry_after(folder):
 
 
 def test_health_is_503_until_the_model_is_loaded(folder):
-    settings = ServerSettings(model=str(folder))
+    settings = ServerSettings(model=str(folder), data_dir=folder / "data")
     app = create_app(settings)  # no lifespan under ASGITransport: it never loads
 
     async def main():
@@ -107,6 +111,8 @@ def test_sigterm_drains_running_requests_then_exits(folder):
             str(port),
             "--served-model-name",
             "tiny",
+            "--data-dir",
+            str(folder / "data"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -155,7 +161,9 @@ def test_sigterm_drains_running_requests_then_exits(folder):
 
 
 def test_oversized_bodies_and_bad_json_are_clear(folder):
-    settings = ServerSettings(model=str(folder), num_blocks=64, max_request_bytes=1000)
+    settings = ServerSettings(
+        model=str(folder), data_dir=folder / "data", num_blocks=64, max_request_bytes=1000
+    )
     with running_server(settings, started(settings)) as url:
         r = httpx.post(f"{url}/v1/completions", json={"model": folder.name, "prompt": "x" * 2000})
         assert r.status_code == 413 and "limit is 1000" in r.json()["error"]["message"]
@@ -179,6 +187,8 @@ def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
             str(tmp_path / "absent"),
             "--port",
             str(free_port()),
+            "--data-dir",
+            str(tmp_path / "data"),
         ],
         capture_output=True,
         text=True,

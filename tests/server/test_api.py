@@ -28,7 +28,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folder):
-    settings = ServerSettings(model=str(folder), served_model_name=MODEL, num_blocks=256)
+    settings = ServerSettings(
+        model=str(folder), data_dir=folder / "data", served_model_name=MODEL, num_blocks=256
+    )
     state = ServerState(settings)
     state.start()
     with running_server(settings, state) as url:
