@@ -130,8 +130,10 @@ class AdapterSlots:
 
 
 def _module(layer, path: str):
+    """The base projection at ``path`` (unwrapped if an earlier engine already adapted it)."""
     parent, name = path.split(".")
-    return getattr(getattr(layer, parent), name)
+    module = getattr(getattr(layer, parent), name)
+    return module.base if isinstance(module, LoRALinear) else module
 
 
 def _replace(layer, path: str, module) -> None:
