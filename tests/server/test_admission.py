@@ -132,7 +132,7 @@ def test_sigterm_drains_running_requests_then_exits(folder):
         body = {
             "model": "tiny",
             "prompt": "drain",
-            "max_tokens": 150,
+            "max_tokens": 450,
             "stream": True,
             "ignore_eos": True,
             "temperature": 0,
@@ -146,7 +146,9 @@ def test_sigterm_drains_running_requests_then_exits(folder):
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
             while (
-                refused := httpx.post(f"{url}/v1/completions", json={**body, "stream": False})
+                refused := httpx.post(
+                    f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 1}
+                )
             ).status_code != 503:
                 assert time.monotonic() < deadline, refused.status_code
                 time.sleep(0.01)
