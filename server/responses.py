@@ -69,6 +69,15 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.model = prepared.served.name
 
+    def _envelope(self) -> dict:
+        """The fields every body and chunk of one response shares."""
+        return {
+            "id": self.prepared.request_id,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.serving.fingerprint,
+        }
+
     # -- logprobs -----------------------------------------------------------------------------
 
     def _top(self, token_id: int, logprob: float) -> TopLogprob:
@@ -109,10 +118,7 @@ class ResponseBuilder:
             for i, c in enumerate(acc.choices)
         ]
         return ChatCompletionResponse(
-            id=self.prepared.request_id,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.serving.fingerprint,
+            **self._envelope(),
             choices=choices,
             usage=acc.usage(),
         )
@@ -129,10 +135,7 @@ class ResponseBuilder:
             for i, c in enumerate(acc.choices)
         ]
         return CompletionResponse(
-            id=self.prepared.request_id,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.serving.fingerprint,
+            **self._envelope(),
             choices=choices,
             usage=acc.usage(),
         )
@@ -141,10 +144,7 @@ class ResponseBuilder:
 
     def chat_chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return ChatCompletionChunk(
-            id=self.prepared.request_id,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.serving.fingerprint,
+            **self._envelope(),
             choices=choices,
             usage=usage,
         ).model_dump_json(exclude_unset=False)
@@ -183,10 +183,7 @@ class ResponseBuilder:
                 )
             )
         return CompletionResponse(
-            id=self.prepared.request_id,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.serving.fingerprint,
+            **self._envelope(),
             choices=choices,
             usage=usage,
         ).model_dump_json()

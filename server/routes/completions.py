@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import ResponseBuilder
+from server.admission import Lease
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.responses import Accumulator, ResponseBuilder
 from server.routes.deps import serving_of
+from server.serving import OpenAIServing, PreparedRequest
 from server.streaming import (
     ClientDisconnected,
     chat_events,
@@ -19,6 +24,9 @@ from server.streaming import (
 
 router = APIRouter()
 
+Events = Callable[[OpenAIServing, PreparedRequest, Lease, bool], AsyncIterator[str]]
+Whole = Callable[[ResponseBuilder, Accumulator], BaseModel]
+
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -26,17 +34,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     prepared = serving.prepare(body, serving.chat_prompt(body), max_tokens, logprobs, "chatcmpl")
-    lease = serving.admit(prepared)
-    usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream:
-        return sse(chat_events(serving, prepared, lease, usage))
-    try:
-        acc = await unless_disconnected(request, collect(serving, prepared, lease))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        lease.release()
-    return JSONResponse(ResponseBuilder(serving, prepared).chat_response(acc).model_dump())
+    return await respond(
+        request, serving, body, prepared, chat_events, ResponseBuilder.chat_response
+    )
 
 
 @router.post("/v1/completions")
@@ -44,14 +44,28 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     serving = serving_of(request)
     prompt = serving.completion_prompt(body)
     prepared = serving.prepare(body, prompt, body.max_tokens, body.logprobs, "cmpl")
+    return await respond(
+        request, serving, body, prepared, completion_events, ResponseBuilder.completion_response
+    )
+
+
+async def respond(
+    request: Request,
+    serving: OpenAIServing,
+    body: SamplingFields,
+    prepared: PreparedRequest,
+    events: Events,
+    whole: Whole,
+) -> Response:
+    """Admit the request (429 before anything starts), then stream it or answer it whole."""
     lease = serving.admit(prepared)
-    usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return sse(completion_events(serving, prepared, lease, usage))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse(events(serving, prepared, lease, usage))
     try:
         acc = await unless_disconnected(request, collect(serving, prepared, lease))
     except ClientDisconnected:
-        return Response(status_code=499)
+        return Response(status_code=499)  # nobody is listening; the request was aborted
     finally:
         lease.release()
-    return JSONResponse(ResponseBuilder(serving, prepared).completion_response(acc).model_dump())
+    return JSONResponse(whole(ResponseBuilder(serving, prepared), acc).model_dump())
