@@ -202,6 +202,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_loras: int = 0  # adapter slots on the device (0: no LoRA support built)
     max_lora_rank: int = 16
+    pipelined: bool = True  # overlap building step N+1 with the device computing step N
 
     def __post_init__(self) -> None:
         problems = []

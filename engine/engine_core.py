@@ -14,12 +14,13 @@ import mlx.core as mx
 from adapters.slots import AdapterSlots, slot_bytes
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
-from engine.model_runner import ModelRunner
+from engine.model_runner import InFlightStep, ModelRunner
 from engine.models.base import CausalLM
 from engine.models.paged import PagedKVStore
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
-from engine.scheduler import Scheduler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.kv, self.slots)
         store = PagedKVStore(model.config, self.num_blocks, config.block_size, dtype)
         self.runner = ModelRunner(model, store, self.slots)
+        self.pipelined = config.pipelined
+        self._in_flight: tuple[SchedulerOutput, InFlightStep] | None = None
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request.to_request())
@@ -100,16 +103,51 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
+        """Requests wait or run. (A step still in flight when none do holds only tokens of
+        finished or aborted requests: nobody needs it.)"""
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and submit the next step, then read back the one before it.
+
+        The device computes one step while Python schedules and builds the next: a running
+        request's newest token is fed to the next step straight from the device, before the host
+        has seen it. A request that stops on that token wastes one step's work on it; its
+        output from that step is dropped. Requests with repetition, frequency or presence
+        penalties need every earlier token on the host, so while any runs, steps do not overlap.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and (not self.pipelined or self._needs_history()):
+            outputs += self._finish(self._in_flight)
+            self._in_flight = None
         scheduled = self.scheduler.schedule()
         try:
-            result = self.runner.execute_model(scheduled)
+            submitted = self.runner.submit(scheduled)
         except Exception as e:  # a failed step fails its requests, not the engine
+            log.exception("engine step failed")
+            submitted = None
+            outputs += [self._fail(item.request.request_id, e) for item in scheduled.scheduled]
+        previous = self._in_flight
+        samples = submitted is not None and submitted.sampled is not None
+        self._in_flight = (scheduled, submitted) if samples else None
+        if previous is not None:
+            outputs += self._finish(previous)
+        if not self.pipelined and self._in_flight is not None:
+            outputs += self._finish(self._in_flight)
+            self._in_flight = None
+        return outputs
+
+    def _finish(self, in_flight: tuple[SchedulerOutput, InFlightStep]) -> list[RequestOutput]:
+        scheduled, submitted = in_flight
+        try:
+            result = self.runner.collect(submitted)
+        except Exception as e:
             log.exception("engine step failed")
             return [self._fail(item.request.request_id, e) for item in scheduled.scheduled]
         return self.scheduler.update_from_output(scheduled, result)
+
+    def _needs_history(self) -> bool:
+        return any(_penalized(r.sampling_params) for r in self.scheduler.running)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         self.scheduler.fail_request(request_id)
@@ -173,3 +211,9 @@ class EngineThread:
             if (out := self.core.abort_request(self._aborts.get())) is not None:
                 aborted.append(out)
         return aborted
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return bool(
+        params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+    )

@@ -11,7 +11,7 @@ from adapters.slots import AdapterSlots
 from engine.models.base import CausalLM
 from engine.models.paged import AttentionMetadata, PagedKVStore, PrefillSegment
 from engine.outputs import ModelRunnerOutput, TokenLogprob
-from engine.sampler import Sampler
+from engine.sampler import SampledArrays, Sampler
 from engine.sampling_metadata import SamplingMetadata
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -31,6 +31,14 @@ class ModelInput:
     token_slots: list[int]  # [T] each token's adapter slot (0: the base model)
 
 
+@dataclass(frozen=True, slots=True)
+class InFlightStep:
+    """A submitted step: which requests sample, and their tokens still on the device."""
+
+    ids: tuple[str, ...]
+    sampled: SampledArrays | None
+
+
 class ModelRunner:
     """Owns the model and the device KV pools; only the engine thread calls it."""
 
@@ -42,26 +50,42 @@ class ModelRunner:
         self.slots = slots
         self.sampler = Sampler()
         self.windows = [layer.window for layer in model.model.layers]
+        self._device_tokens: dict[str, tuple[mx.array, int]] = {}
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.collect(self.submit(output))
+
+    def submit(self, output: SchedulerOutput) -> InFlightStep:
+        """Queue one step on the device and return at once: the caller prepares the next step
+        while this one computes, and ``collect``s it afterwards."""
         if not output.scheduled:
-            return ModelRunnerOutput()
+            return InFlightStep(ids=(), sampled=None)
         inputs = self.prepare_inputs(output)
         if self.slots is not None:
             self.slots.set_step(inputs.token_slots)
         caches = self.store.layer_caches(inputs.attention, self.windows)
         hidden = self.model.hidden(inputs.token_ids[None], caches)[0]  # [T, hidden]
         if not inputs.sampling:
-            mx.eval(self.store.state)
-            return ModelRunnerOutput()
+            mx.async_eval(self.store.state)
+            return InFlightStep(ids=(), sampled=None)
         logits = self.model.logits(hidden[inputs.logits_indices])  # [R, vocab]
         requests = [item.request for item in inputs.sampling]
         meta = SamplingMetadata.from_requests(requests, logits.shape[-1])
-        result = self.sampler(logits, meta)
-        mx.eval(self.store.state)
-        ids = [r.request_id for r in requests]
+        sampled = self.sampler.submit(logits, meta)
+        mx.async_eval(self.store.state)
+        ids = tuple(r.request_id for r in requests)
+        # The next step may consume these tokens before anyone reads them.
+        self._device_tokens = {rid: (sampled.tokens, row) for row, rid in enumerate(ids)}
+        return InFlightStep(ids=ids, sampled=sampled)
+
+    def collect(self, step: InFlightStep) -> ModelRunnerOutput:
+        """The sampled tokens of a submitted step (waits for the device)."""
+        if step.sampled is None:
+            return ModelRunnerOutput()
+        result = self.sampler.resolve(step.sampled)
         logprobs = {
-            ids[row]: TokenLogprob(
+            step.ids[row]: TokenLogprob(
                 token_id=lp.token_id,
                 logprob=lp.logprob,
                 top=tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True)),
@@ -70,7 +94,7 @@ class ModelRunner:
             if lp is not None
         }
         return ModelRunnerOutput(
-            sampled=dict(zip(ids, result.token_ids, strict=True)), logprobs=logprobs
+            sampled=dict(zip(step.ids, result.token_ids, strict=True)), logprobs=logprobs
         )
 
     def prepare_inputs(self, output: SchedulerOutput) -> ModelInput:
@@ -84,10 +108,18 @@ class ModelRunner:
         sampling: list[ScheduledRequest] = []
         logits_indices: list[int] = []
         token_slots: list[int] = []
+        unseen_at: list[int] = []  # flat indices whose token is still on the device
+        unseen_src: list[tuple[mx.array, int]] = []
         for item in decodes + prefills:
             start = len(tokens)
             all_ids = item.request.all_token_ids
-            tokens.extend(all_ids[item.start : item.start + item.num_tokens])
+            known = all_ids[item.start : item.start + item.num_tokens]
+            tokens.extend(known)
+            if len(known) < item.num_tokens:  # the last token was sampled by the step in flight
+                assert len(known) == item.num_tokens - 1, "at most one token is unseen"
+                unseen_at.append(len(tokens))
+                unseen_src.append(self._device_tokens[item.request.request_id])
+                tokens.append(0)
             token_slots.extend([item.request.lora_slot] * item.num_tokens)
             pos = np.arange(item.start, item.start + item.num_tokens)
             table = np.asarray(item.block_ids, dtype=np.int64)
@@ -124,8 +156,14 @@ class ModelRunner:
             prefills=tuple(segments),
             block_size=bs,
         )
+        token_ids = mx.array(tokens, dtype=mx.int32)
+        if unseen_at:
+            source = unseen_src[0][0]
+            assert all(src is source for src, _ in unseen_src), "unseen tokens from one step"
+            rows = mx.array([row for _, row in unseen_src], dtype=mx.int32)
+            token_ids[mx.array(unseen_at, dtype=mx.int32)] = source[rows].astype(mx.int32)
         return ModelInput(
-            token_ids=mx.array(tokens, dtype=mx.int32),
+            token_ids=token_ids,
             attention=attention,
             logits_indices=mx.array(logits_indices, dtype=mx.int32),
             sampling=tuple(sampling),

@@ -27,8 +27,8 @@ class Request:
     """One sequence being generated.
 
     The scheduling invariant: ``num_computed_tokens`` (tokens whose KV is in the cache) catches
-    up with ``num_tokens`` (prompt + generated). Prefill, chunked prefill, a prefix-cache hit and
-    decode all just advance that counter.
+    up with ``num_tokens + num_pending`` (prompt + generated, known or still on the device).
+    Prefill, chunked prefill, a prefix-cache hit and decode all just advance that counter.
 
     ``cache_salt`` enters the hash of every KV block (e.g. a LoRA adapter's digest): requests
     with different salts never share blocks.
@@ -43,6 +43,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    # Tokens sampled by a step that was submitted but whose result is not read yet. The next
+    # step may already compute them: their ids are taken from the device, not from here.
+    num_pending: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() at first admission

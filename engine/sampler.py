@@ -61,6 +61,16 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # [B]; None where the row asked for none
 
 
+@dataclass(frozen=True, slots=True)
+class SampledArrays:
+    """A step's sampling, queued on the device and not yet read back."""
+
+    tokens: mx.array  # [B] the sampled token ids
+    logprob_arrays: tuple[mx.array, ...]  # chosen [R], top ids [R, N], top logprobs [R, N]
+    wanted: tuple[int, ...]  # the R rows that asked for logprobs
+    num_logprobs: tuple[int | None, ...]  # [B]
+
+
 class Sampler:
     """One token per row of a batch, each row under its own settings, vectorized over rows.
 
@@ -83,6 +93,11 @@ class Sampler:
         self.num_candidates = num_candidates
 
     def __call__(self, logits: mx.array, meta: SamplingMetadata) -> SamplerOutput:
+        return self.resolve(self.submit(logits, meta))
+
+    def submit(self, logits: mx.array, meta: SamplingMetadata) -> SampledArrays:
+        """Queue the sampling of a step on the device; nothing is read back yet, so the caller
+        can prepare the next step while this one computes."""
         raw = logits.astype(mx.float32)  # [B, V]
         adjusted = adjust_logits(raw, meta)
         if meta.all_greedy:
@@ -91,15 +106,20 @@ class Sampler:
             tokens = self._draw(self._truncate(adjusted, meta), meta)
             if meta.any_greedy:
                 tokens = mx.where(meta.greedy, mx.argmax(adjusted, axis=-1), tokens)
-        wanted = [i for i, n in enumerate(meta.num_logprobs) if n is not None]
-        logprob_arrays = _logprob_arrays(raw, tokens, wanted, meta) if wanted else []
-        mx.eval(tokens, *logprob_arrays)
-        token_ids = tokens.tolist()
+        wanted = tuple(i for i, n in enumerate(meta.num_logprobs) if n is not None)
+        logprob_arrays = _logprob_arrays(raw, tokens, list(wanted), meta) if wanted else []
+        mx.async_eval(tokens, *logprob_arrays)
+        return SampledArrays(tokens, tuple(logprob_arrays), wanted, meta.num_logprobs)
+
+    @staticmethod
+    def resolve(sampled: SampledArrays) -> SamplerOutput:
+        """Read a submitted step's tokens (and logprobs) back to the host; waits for it."""
+        token_ids = sampled.tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
-        if wanted:
-            chosen, top_ids, top_lps = (a.tolist() for a in logprob_arrays)
-            for j, i in enumerate(wanted):
-                n = meta.num_logprobs[i]
+        if sampled.wanted:
+            chosen, top_ids, top_lps = (a.tolist() for a in sampled.logprob_arrays)
+            for j, i in enumerate(sampled.wanted):
+                n = sampled.num_logprobs[i]
                 logprobs[i] = TokenLogprobs(token_ids[i], chosen[j], top_ids[j][:n], top_lps[j][:n])
         return SamplerOutput(token_ids, logprobs)
 

@@ -29,19 +29,23 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int] = frozenset()
+    num_unseen: int = 0  # tokens already sampled on the device, not yet in output_token_ids
 
     @property
     def num_output_tokens(self) -> int:
         """Index, among the outputs, of the token about to be sampled."""
-        return len(self.output_token_ids)
+        return len(self.output_token_ids) + self.num_unseen
 
     @classmethod
     def from_request(cls, request: Request) -> SamplingRow:
+        """The row of a request being sampled this step: its ``num_pending`` counts this
+        step's token too, so the ones before it are unseen."""
         return cls(
             request.sampling_params,
             request.prompt_token_ids,
             request.output_token_ids,
             request.eos_token_ids,
+            max(request.num_pending - 1, 0),
         )
 
 

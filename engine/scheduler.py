@@ -24,16 +24,14 @@ class AdapterSlotPolicy(Protocol):
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     """``request`` computes tokens ``start .. start + num_tokens - 1`` this step into the
-    blocks of ``block_ids``; it samples a token when that reaches the end of what it knows."""
+    blocks of ``block_ids``; ``samples`` when that reaches the end of what it has (known tokens
+    and tokens still pending on the device)."""
 
     request: Request
     start: int
     num_tokens: int
     block_ids: tuple[int, ...]
-
-    @property
-    def samples(self) -> bool:
-        return self.start + self.num_tokens == self.request.num_tokens
+    samples: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +107,8 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self._chunk(request, budget)
+            if n == 0:
+                continue  # its last token is still on the device and will end it
             while self.kv.allocate_slots(request, n) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -154,7 +154,8 @@ class Scheduler:
             request = item.request
             token = result.sampled.get(request.request_id)
             if token is None or request.status != RequestStatus.RUNNING:
-                continue
+                continue  # finished, aborted or preempted since: the token is dropped
+            request.num_pending -= 1
             request.append_output_token(token)
             status = request.check_stop()
             logprob = result.logprobs.get(request.request_id)
@@ -183,17 +184,27 @@ class Scheduler:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
 
     def _chunk(self, request: Request, budget: int) -> int:
-        missing = request.num_tokens - request.num_computed_tokens
+        """Tokens to compute for a running request this step: 0 when the tokens it will ever
+        produce are all sampled already (its pending token ends it by length)."""
+        produced = request.num_output_tokens + request.num_pending
+        if request.num_pending and produced >= request.sampling_params.max_tokens:
+            return 0
+        missing = request.num_tokens + request.num_pending - request.num_computed_tokens
         return min(missing, budget, self.config.long_prefill_chunk)
 
     def _take(self, request: Request, n: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        samples = start + n == request.num_tokens + request.num_pending
         item = ScheduledRequest(
             request=request,
-            start=request.num_computed_tokens,
+            start=start,
             num_tokens=n,
             block_ids=tuple(self.kv.get_block_ids(request.request_id)),
+            samples=samples,
         )
         request.num_computed_tokens += n
+        if samples:
+            request.num_pending += 1
         return item
 
     def _preempt(self, request: Request) -> None:
@@ -201,6 +212,7 @@ class Scheduler:
         self._free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_pending = 0  # a token still on the device is dropped and sampled again
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)

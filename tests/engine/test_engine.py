@@ -179,3 +179,33 @@ def test_random_add_abort_finish_never_leaks_or_deadlocks(model):
     assert not live and not core.has_work
     assert finished | aborted == {f"r{i}" for i in range(1, n + 1)}
     assert core.kv.num_free_blocks == core.num_blocks - 1
+
+
+def test_overlapped_steps_equal_sequential_steps(model):
+    """Building step N+1 while step N computes (its tokens fed from the device) changes no
+    token: greedy, seeded, penalized and stop-token requests alike."""
+    ps = prompts(6, seed=13)
+    stop = reference(model, ps[2], 12)[4]
+    params = [
+        greedy(14),
+        SamplingParams(max_tokens=14, temperature=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=14, temperature=0, stop_token_ids=frozenset({stop})),
+        SamplingParams(
+            max_tokens=14, temperature=0.7, seed=9, presence_penalty=1.0, ignore_eos=True
+        ),
+        greedy(3),
+        SamplingParams(max_tokens=14, temperature=1.0, seed=11, top_k=5, ignore_eos=True),
+    ]
+
+    def reqs():
+        return [
+            EngineRequest(f"r{i}", p, s) for i, (p, s) in enumerate(zip(ps, params, strict=True))
+        ]
+
+    overlapped_core = make_core(model)
+    assert overlapped_core.pipelined
+    overlapped, _ = run(overlapped_core, reqs())
+    sequential, _ = run(make_core(model, pipelined=False), reqs())
+    assert overlapped == sequential
+    assert overlapped["r2"][-1] == stop and len(overlapped["r4"]) == 3
+    assert overlapped_core.kv.num_free_blocks == overlapped_core.num_blocks - 1
