@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 
 import uvicorn
 
+from engine.loader.load import model_name
 from server.app import create_app
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -57,11 +59,14 @@ def serve(settings: ServerSettings) -> int:
     url = f"http://{settings.host}:{settings.port}"
     print(f"candlewick: serving on {url} (the model loads in the background; /health says when)")
     auth = ' -H "Authorization: Bearer $CANDLEWICK_API_KEY"' if settings.api_keys else ""
+    try:
+        name = settings.served_model_name or model_name(settings.model)
+    except FileNotFoundError:
+        name = "<id from /v1/models>"  # loading will report what is missing
+    body = {"model": name, "messages": [{"role": "user", "content": "Hello!"}]}
     print(
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-        '-d \'{"model": "' + (settings.served_model_name or "<id from /v1/models>") + '", '
-        '"messages": [{"role": "user", "content": "Hello!"}]}\'',
-        file=sys.stdout,
+        f"-d '{json.dumps(body)}'",
         flush=True,
     )
     config = uvicorn.Config(

@@ -32,6 +32,12 @@ def default_model_path() -> Path:
     return files[0]
 
 
+def model_name(path: str | Path | None) -> str:
+    """The id a model is served under by default: its folder name or GGUF file stem."""
+    resolved = Path(path).expanduser() if path is not None else default_model_path()
+    return resolved.name if resolved.is_dir() else resolved.stem
+
+
 def compute_dtype(quantized_file: bool) -> mx.Dtype:
     """float32 on the CPU (its bfloat16 matmul is ~50x slower); on a GPU bfloat16, or float16
     for GGUF files, whose float16 block scales bfloat16 would round."""
