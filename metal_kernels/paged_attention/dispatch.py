@@ -69,7 +69,9 @@ def self_check(kernel: Kernel, sig: Signature) -> str | None:
         window=window,
         seed=1234,
     )
-    want = np.array(reference.paged_decode_attention(*case.args(), **case.kwargs()), np.float32)
+    want = np.array(
+        reference.paged_decode_attention(*case.args(), **case.kwargs()).astype(mx.float32)
+    )
     params = inspect.signature(kernel).parameters
     knob = "num_splits" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
     variants = [{}, {"num_splits": 1}, {"num_splits": 3}] if knob else [{}]

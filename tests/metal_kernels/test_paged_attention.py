@@ -181,6 +181,16 @@ def test_trustworthy_kernel_is_checked_once_per_signature_then_used():
     }
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_the_first_use_check_trusts_a_correct_kernel_in_every_dtype(dtype):
+    """The check itself must work in each dtype (numpy has no bfloat16): a correct kernel is
+    trusted, never turned away by an error in the comparison."""
+    fake = FakeKernel()
+    d = PagedAttentionDispatcher("fake", fake)
+    run(d, small_case(dtype=dtype))
+    assert d.trusted == {Signature(dtype, 64, 16, 2, False): True}
+
+
 def test_unsupported_shapes_go_to_the_reference_without_a_check():
     fake = FakeKernel()
     d = PagedAttentionDispatcher("fake", fake)
