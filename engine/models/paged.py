@@ -101,9 +101,15 @@ class PagedLayerCache:
             )
             outs.append(out[:, :, 0, :].transpose(1, 0, 2)[None])  # [1, H, Bd, D]
         for seg in meta.prefills:
-            qs = q[:, :, seg.start : seg.start + seg.length]  # [1, H, S, D]
-            keys = gather_kv(k_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
-            values = gather_kv(v_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
+            span = slice(seg.start, seg.start + seg.length)
+            qs = q[:, :, span]  # [1, H, S, D]
+            if seg.seq_len == seg.length:
+                # A sequence's first chunk sees only its own tokens: this step's k, v as they
+                # are, no trip through the pool.
+                keys, values = k[:, :, span], v[:, :, span]
+            else:
+                keys = gather_kv(k_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
+                values = gather_kv(v_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
             mask = attention_mask(seg.length, seg.seq_len - seg.length, self.window)
             outs.append(attention(qs, keys, values, scale=scale, mask=mask))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
