@@ -1,7 +1,7 @@
 """Paged decode attention on MLX's CUDA backend: the Metal kernel's twin.
 
 The kernel body and launch logic live in ``metal.py`` and are shared verbatim; only the macros
-below (shared memory, barrier, warp shuffle, exp) and the thread/block index prologue differ.
+below (shared memory, barrier, warp shuffle, exp2) and the thread/block index prologue differ.
 ``mx.fast.cuda_kernel`` wraps the body in ``__global__ void ...(inputs, outputs)``, turns the
 template list into ``constexpr``/``using`` lines, and launches grid / threadgroup blocks.
 """
@@ -16,7 +16,7 @@ CUDA_HEADER = """
 #define PA_SHARED __shared__
 #define PA_BARRIER() __syncthreads()
 #define PA_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, (v), (o))
-#define PA_EXP(x) expf(x)
+#define PA_EXP2(x) exp2f(x)
 #define PA_FMAX(a, b) fmaxf((a), (b))
 #define PA_LOAD_ROW(dst, src, off) pa_load_row<E>(dst, (src) + (off))
 

@@ -126,43 +126,97 @@ def parity(kernel, full: bool) -> dict:
     return report
 
 
-def bench(fn, iters: int = 20, group: int = 10) -> float:
-    """Microseconds per call: ``group`` calls per evaluation, so launch gaps are amortized."""
-    mx.eval([fn() for _ in range(3)])
+def bench(step, q: mx.array, iters: int = 30, group: int = 20) -> float:
+    """Microseconds per call on the device. Each call's output is the next call's query, so the
+    ``group`` calls run one after another as a model's layers do (independent calls may run
+    concurrently on the GPU, which flatters a kernel that leaves it half idle). The chain is
+    built in Python untimed, then evaluated and timed; the median over ``iters`` chains."""
+    mx.eval(step(step(q)))
+    mx.synchronize()
+    times = []
+    for _ in range(iters):
+        x = q
+        for _ in range(group):
+            x = step(x)
+        start = time.perf_counter()
+        mx.eval(x)
+        mx.synchronize()
+        times.append((time.perf_counter() - start) / group * 1e6)
+    return float(np.median(times))
+
+
+def bench_call(step, q: mx.array, iters: int = 20, group: int = 10) -> float:
+    """Microseconds per call as above, building the calls in Python included."""
+    mx.eval(step(step(q)))
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
-        mx.eval([fn() for _ in range(group)])
+        x = q
+        for _ in range(group):
+            x = step(x)
+        mx.eval(x)
     mx.synchronize()
     return (time.perf_counter() - start) / (iters * group) * 1e6
 
 
-def time_batch(kernel, B: int, ctx: int, dtype=mx.float16) -> dict:
-    """Llama-3-8B-like heads (32 query, 8 kv, dim 128), block size 16, blocks in shuffled order."""
+COLD_BYTES = 256 << 20  # well over the L2 of an H100/H200 (50 MB)
+
+
+def time_batch(kernel, B: int, ctx: int, dtype=mx.float16, splits=()) -> dict:
+    """Llama-3-8B-like heads (32 query, 8 kv, dim 128), block size 16, blocks in shuffled order.
+
+    Calls take turns over enough copies of K/V that together exceed COLD_BYTES, so every call
+    reads its keys and values from device memory, as in a model whose other layers have pushed
+    them out of L2. (One sequence of 8k tokens is 33 MB and would otherwise stay in L2.)
+    """
     H, Hkv, D, bs = 32, 8, 128, 16
     nblk = ctx // bs
     ids = np.random.default_rng(B).permutation(np.arange(1, B * nblk + 1))
     tables = mx.array(ids.reshape(B, nblk).astype(np.int32))
     shape = ((B * nblk + 1) * bs, Hkv, D)
-    k_pool, v_pool = (mx.random.normal(shape).astype(dtype) for _ in range(2))
     q = mx.random.normal((B, H, 1, D)).astype(dtype)
     lens = mx.full((B,), ctx, mx.int32)
-    k_cont, v_cont = gather_kv(k_pool, tables, bs), gather_kv(v_pool, tables, bs)  # [B, Hkv, L, D]
-    mx.eval(k_pool, v_pool, q, k_cont, v_cont)
+    kv_bytes = 2 * B * Hkv * ctx * D * dtype.size
+    copies = max(1, min(8, -(-COLD_BYTES // kv_bytes)))
+    sets = []
+    for _ in range(copies):
+        k_pool, v_pool = (mx.random.normal(shape).astype(dtype) for _ in range(2))
+        k_cont, v_cont = gather_kv(k_pool, tables, bs), gather_kv(v_pool, tables, bs)
+        mx.eval(k_pool, v_pool, k_cont, v_cont)  # k_cont, v_cont: [B, Hkv, L, D]
+        sets.append((k_pool, v_pool, k_cont, v_cont))
+    turn = itertools.count()
+
+    def kv():
+        return sets[next(turn) % copies]
+
     kw = {"block_size": bs, "window": None, "scale": D**-0.5}
-    row = {"batch": B, "context": ctx, "dtype": str(dtype), "kv_bytes": 2 * k_cont.nbytes}
+    row = {"batch": B, "context": ctx, "dtype": str(dtype), "kv_bytes": kv_bytes, "copies": copies}
     sdpa = mx.fast.scaled_dot_product_attention
-    row["sdpa_contiguous_us"] = bench(lambda: sdpa(q, k_cont, v_cont, scale=D**-0.5))
-    row["sdpa_contiguous_GBps"] = row["kv_bytes"] / row["sdpa_contiguous_us"] / 1e3
+
+    def contiguous(x):
+        _, _, k_cont, v_cont = kv()
+        return sdpa(x, k_cont, v_cont, scale=D**-0.5)
+
+    def paged(fn, x, **extra):
+        k_pool, v_pool, _, _ = kv()
+        return fn(x, k_pool, v_pool, tables, lens, **kw, **extra)
+
+    row["sdpa_contiguous_us"] = bench(contiguous, q)
+    row["sdpa_contiguous_GBps"] = kv_bytes / row["sdpa_contiguous_us"] / 1e3
+    row["sdpa_contiguous_call_us"] = bench_call(contiguous, q)
     row["reference_gather_us"] = bench(
-        lambda: reference.paged_decode_attention(q, k_pool, v_pool, tables, lens, **kw)
+        functools.partial(paged, reference.paged_decode_attention), q
     )
     if kernel:
-        row["paged_kernel_us"] = bench(lambda: kernel(q, k_pool, v_pool, tables, lens, **kw))
-        row["paged_kernel_GBps"] = row["kv_bytes"] / row["paged_kernel_us"] / 1e3
+        row["paged_kernel_us"] = bench(functools.partial(paged, kernel), q)
+        row["paged_kernel_GBps"] = kv_bytes / row["paged_kernel_us"] / 1e3
+        row["paged_kernel_call_us"] = bench_call(functools.partial(paged, kernel), q)
         for u in (1, 4):  # the default unroll is 2: is it the right one here?
-            call = functools.partial(kernel, q, k_pool, v_pool, tables, lens, **kw, unroll=u)
-            row[f"paged_kernel_unroll{u}_us"] = bench(call)
+            row[f"paged_kernel_unroll{u}_us"] = bench(functools.partial(paged, kernel, unroll=u), q)
+        for s in splits:
+            row[f"paged_kernel_splits{s}_us"] = bench(
+                functools.partial(paged, kernel, num_splits=s), q
+            )
     return row
 
 
@@ -187,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--quick", action="store_true", help="the short sweep (CPU smoke test)")
+    ap.add_argument("--no-parity", dest="parity", action="store_false", help="timing only")
+    ap.add_argument("--splits", default="", help="also time these split counts, e.g. 8,16,64")
     args = ap.parse_args(argv)
     backend, kernel = device_kernel()
     report = {"device": device_name(), "backend": backend, "mlx": mx.__version__}
@@ -194,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     sig = Signature(mx.float16, 128, 16, 4, False)
     report["dispatcher_uses_kernel"] = get_dispatcher().uses_kernel(sig)
     print(f"dispatcher self-check ({sig}): uses kernel = {report['dispatcher_uses_kernel']}")
-    report["parity"] = parity(kernel, full=not args.quick)
+    report["parity"] = parity(kernel, full=not args.quick) if args.parity else {}
     print(f"\n{'dtype':<10}{'cases':>6}{'kernel max err':>16}{'reference max err':>19}  tol")
     for name, row in report["parity"].items():
         tol = TOLERANCE[DTYPES[name]]
@@ -204,18 +260,23 @@ def main(argv: list[str] | None = None) -> int:
         for failure in row["failures"][:10]:
             print("  FAIL", failure)
     batches = [int(b) for b in args.batches.split(",")]
-    report["timing"] = [time_batch(kernel, b, args.ctx) for b in batches]
+    splits = [int(s) for s in args.splits.split(",") if s]
+    report["timing"] = [time_batch(kernel, b, args.ctx, splits=splits) for b in batches]
     head = ("batch", "ctx", "paged kernel us", "SDPA contig us", "gather ref us", "kernel GB/s")
-    head += ("unroll=1 us", "unroll=4 us")
+    head += ("unroll=1 us", "unroll=4 us", "kernel call us", "SDPA call us")
     print("\n" + "".join(f"{h:>16}" for h in head))
     for r in report["timing"]:
         pk = r.get("paged_kernel_us", float("nan"))
         gb = r.get("paged_kernel_GBps", float("nan"))
         cells = (r["sdpa_contiguous_us"], r["reference_gather_us"], gb)
         cells += tuple(r.get(f"paged_kernel_unroll{u}_us", float("nan")) for u in (1, 4))
+        cells += (r.get("paged_kernel_call_us", float("nan")), r["sdpa_contiguous_call_us"])
         print(
             f"{r['batch']:>16}{r['context']:>16}{pk:>16.1f}" + "".join(f"{c:>16.1f}" for c in cells)
         )
+        swept = {k: round(v, 1) for k, v in r.items() if k.startswith("paged_kernel_splits")}
+        if swept:
+            print(" " * 16, swept)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     ok = all(not row["failures"] for row in report["parity"].values())
