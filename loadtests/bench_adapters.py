@@ -31,6 +31,7 @@ from adapters.safetensors_io import write_safetensors
 from loadtests.bench_server import (
     CANDLEWICK,
     MLX_LM,
+    PROMPT,
     WARM,
     Extra,
     Run,
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", default=f"{CANDLEWICK},{MLX_LM}")
     p.add_argument("--streams", type=int, default=16, help="concurrent streams (and requests)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT, help="loadgen's (128 tokens)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds")

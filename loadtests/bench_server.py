@@ -1,7 +1,8 @@
 """HTTP serving benchmarks: what HTTP + SSE cost over the engine, and throughput against mlx-lm.
 
 (a) Single-stream output tok/s of `candlewick serve` under loadgen (concurrency 1) against its
-`EngineCore` stepped in-process (before and after the server) on the same prompts and lengths.
+`EngineCore` stepped in this process on prompts and lengths of the same size, in alternating
+rounds (engine, then HTTP); the median round's overhead is the result.
 (b) `candlewick serve` and `mlx_lm.server` on one float32 Hugging Face folder exported from the
 GGUF, started here one at a time, warmed up, loaded at each concurrency with greedy fixed-length
 requests (mlx_lm.server lacks `ignore_eos`: its requests ban EOS with `logit_bias`). Each run
@@ -44,6 +45,7 @@ from loadtests.loadgen import LoadConfig, LoadReport, format_table, percentile, 
 
 KV_CACHE_BYTES = 1 << 30
 SINGLE, WARM = 4, 10_000  # requests a lone stream sends; the warm-up's seed offset
+PROMPT = 170  # loadgen size for 128-token prompts: it assumes 0.75 words/token, its words are 1
 CANDLEWICK = "candlewick"
 MLX_LM = "mlx-lm"
 Args = argparse.Namespace
@@ -143,8 +145,7 @@ def extra_body(by_model: Extra) -> Iterator[None]:
 
 
 def eos_ban(hf: Path) -> dict[str, Any]:
-    """`logit_bias` that keeps every EOS id of the folder from being sampled (mlx-lm's stand-in
-    for ignore_eos, so both servers decode exactly max_tokens)."""
+    """`logit_bias` that bans the folder's EOS ids: mlx-lm's stand-in for `ignore_eos`."""
     eos = [json.loads((hf / f).read_text()).get("eos_token_id") for f in ("config.json", GEN)]
     ids = {i for e in eos for i in (e if isinstance(e, list) else [e]) if i is not None}
     return {"logit_bias": {str(i): -100 for i in sorted(ids)}}  # OpenAI's floor
@@ -172,32 +173,39 @@ def environment() -> dict[str, Any]:
     return {**machine(), "candlewick_rev": " ".join(" ".join(rev).split())}
 
 
-def engine_alone(args: Args, requests: int) -> dict[str, float]:
-    """`candlewick serve`'s engine and config, stepped here on loadgen's prompts one by one."""
-    loaded = load_model(args.hf)
-    config = EngineConfig(kv_cache_memory=KV_CACHE_BYTES, max_loras=4)  # serve's defaults
-    core = EngineCore(loaded.model, config, loaded.dtype)
-    workload = LoadConfig(url="-", model="-", prompt_tokens=args.prompt_tokens, seed=args.seed + 1)
+class EngineAlone:
+    """`candlewick serve`'s engine and config, stepped in this process on loadgen's prompts one
+    by one: the same work as a single HTTP stream, without HTTP."""
 
-    def generate(tag: str, i: int, max_tokens: int) -> tuple[float, list[float]]:
-        prompt = loaded.tokenizer.encode(loadgen.make_prompt(workload, tag, i))
+    def __init__(self, args: Args) -> None:
+        self.loaded = load_model(args.hf)
+        config = EngineConfig(kv_cache_memory=KV_CACHE_BYTES, max_loras=4)  # serve's defaults
+        self.core = EngineCore(self.loaded.model, config, self.loaded.dtype)
+        self.args, self.rounds = args, 0
+        self.generate("warmup", 0, 4)
+
+    def generate(self, tag: str, i: int, max_tokens: int) -> tuple[float, list[float]]:
+        workload = LoadConfig(url="-", model="-", prompt_tokens=self.args.prompt_tokens, seed=1)
+        prompt = self.loaded.tokenizer.encode(loadgen.make_prompt(workload, tag, i))
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         start, stamps = time.perf_counter(), []
-        core.add_request(EngineRequest(f"{tag}{i}", prompt, params))
-        while core.has_work:
-            tokens = sum(len(o.new_token_ids) for o in core.step())
+        self.core.add_request(EngineRequest(f"{tag}{i}", prompt, params))
+        while self.core.has_work:
+            tokens = sum(len(o.new_token_ids) for o in self.core.step())
             stamps += [time.perf_counter()] * tokens
         return start, stamps
 
-    generate("warmup", 0, 4)
-    clock = cpu_clock((os.getpid(),))
-    runs = [generate("measure", i, args.max_tokens) for i in range(requests)]
-    return {
-        "others_cpu": others_cpu(clock, (os.getpid(),)),
-        "output_tok_s": sum(len(s) for _, s in runs) / (runs[-1][1][-1] - runs[0][0]),
-        "ttft_p50": percentile([s[0] - start for start, s in runs], 50),
-        "itl_p50": percentile([b - a for _, s in runs for a, b in itertools.pairwise(s)], 50),
-    }
+    def measure(self, requests: int) -> dict[str, float]:
+        self.rounds += 1  # new prompts each round: no prefix-cache hits
+        clock = cpu_clock((os.getpid(),))
+        tag = f"measure{self.rounds}-"
+        runs = [self.generate(tag, i, self.args.max_tokens) for i in range(requests)]
+        return {
+            "others_cpu": others_cpu(clock, (os.getpid(),)),
+            "output_tok_s": sum(len(s) for _, s in runs) / (runs[-1][1][-1] - runs[0][0]),
+            "ttft_p50": percentile([s[0] - start for start, s in runs], 50),
+            "itl_p50": percentile([b - a for _, s in runs for a, b in itertools.pairwise(s)], 50),
+        }
 
 
 def ms(s: float | None) -> str:
@@ -209,15 +217,24 @@ def markdown(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def overhead_table(before: dict, after: dict, http: Run) -> tuple[str, float]:
-    overhead = 1 - 2 * http.report.output_tok_s / (before["output_tok_s"] + after["output_tok_s"])
-    runs = [before, after, {k: getattr(http.report, k, http.others_cpu) for k in before}]
-    rows = [("output tok/s", "output_tok_s", "{:.2f}"), ("TTFT p50 ms", "ttft_p50", "{:.0f}")]
-    rows += [("ITL p50 ms", "itl_p50", "{:.0f}"), ("others' CPU", "others_cpu", "{:.0%}")]
-    scale = {"ttft_p50": 1e3, "itl_p50": 1e3}
-    cells = [[name, *(f.format(r[k] * scale.get(k, 1)) for r in runs)] for name, k, f in rows]
-    head = ["", "engine alone (before)", "engine alone (after)", "HTTP + SSE (loadgen)"]
-    return f"{markdown(head, cells)}\n\nstreaming overhead: {overhead:+.1%} (goal <= 5%)", overhead
+def overhead_table(rounds: list[tuple[dict, Run]]) -> tuple[str, float]:
+    """One row per round (engine alone, then HTTP, back to back); the median round's overhead."""
+    rows, overheads = [], []
+    for i, (engine, http) in enumerate(rounds, 1):
+        r = http.report
+        overheads.append(1 - r.output_tok_s / engine["output_tok_s"])
+        rows.append(
+            [str(i), f"{engine['output_tok_s']:.2f}", f"{r.output_tok_s:.2f}"]
+            + [ms(engine["itl_p50"]), ms(r.itl_p50), ms(engine["ttft_p50"]), ms(r.ttft_p50)]
+            + [f"{overheads[-1]:+.1%}", f"{max(engine['others_cpu'], http.others_cpu):.0%}"]
+        )
+    head = ["round", "engine tok/s", "HTTP tok/s", "engine ITL p50 ms", "HTTP ITL p50 ms"]
+    head += ["engine TTFT p50 ms", "HTTP TTFT p50 ms", "overhead", "others' CPU"]
+    median = percentile(overheads, 50)
+    return (
+        f"{markdown(head, rows)}\n\nstreaming overhead, median round: {median:+.1%} (goal <= 5%)",
+        median,
+    )
 
 
 def throughput_table(runs: dict[tuple[str, int], Run]) -> str:
@@ -233,7 +250,10 @@ def throughput_table(runs: dict[tuple[str, int], Run]) -> str:
     return markdown([*head, "candlewick / mlx-lm", "others' CPU"], rows)
 
 
-def serve_and_load(system: str, args: Args, data: Path) -> dict[int, Run]:
+def serve_and_load(system: str, args: Args, data: Path) -> tuple[dict[int, Run], list]:
+    """Loads at each concurrency; for candlewick first the overhead rounds: the engine alone in
+    this process (the server idle), then one HTTP stream (this process idle), alternately, so
+    both halves of a round see the same machine."""
     port = free_port()
     if system == CANDLEWICK:
         argv, model, extra = candlewick_argv(args.hf, port, data), CANDLEWICK, {}
@@ -241,12 +261,24 @@ def serve_and_load(system: str, args: Args, data: Path) -> dict[int, Run]:
         argv, model = mlx_lm_argv(args.hf, port), str(args.hf)  # its default model's key
         extra = {model: eos_ban(args.hf)}
     out: dict[int, Run] = {}
+    rounds: list[tuple[dict, Run]] = []
+    engine = EngineAlone(args) if system == CANDLEWICK and args.rounds else None
     with running(argv, args.logs / f"{system}.log", args.start_timeout) as server:
         load(server, model, 8, args, extra, max_tokens=4, seed=args.seed + WARM)  # warm-up
+        for i in range(args.rounds if engine else 0):
+            alone = engine.measure(SINGLE)
+            http = load(server, model, 1, args, extra, seed=args.seed + 2 * WARM + i)
+            rounds.append((alone, http))
+            print(
+                f"round {i + 1}: engine {alone['output_tok_s']:.2f} tok/s, HTTP "
+                f"{http.report.output_tok_s:.2f} tok/s",
+                flush=True,
+            )
+        del engine
         for streams in args.streams:
             out[streams] = run = load(server, model, streams, args, extra)
             print(format_table([(f"{system} x{streams}", run.report)]), flush=True)
-    return out
+    return out, rounds
 
 
 def run(args: Args) -> dict[str, Any]:
@@ -255,18 +287,14 @@ def run(args: Args) -> dict[str, Any]:
         export(None, args.hf, "float32")  # the default GGUF model, dequantized
     args.logs.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], Run] = {}
-    engine: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         for system in args.systems:
-            if system == CANDLEWICK and args.engine:
-                engine.append(engine_alone(args, SINGLE))
-            runs |= {(system, n): r for n, r in serve_and_load(system, args, Path(tmp)).items()}
-            if system == CANDLEWICK and args.engine:
-                engine.append(engine_alone(args, SINGLE))
+            loads, rounds = serve_and_load(system, args, Path(tmp))
+            runs |= {(system, n): r for n, r in loads.items()}
+            if rounds:
+                result["overhead_table"], result["streaming_overhead"] = overhead_table(rounds)
+                result["overhead_rounds"] = [{"engine": e, "http": summary(h)} for e, h in rounds]
     result["throughput_table"] = throughput_table(runs)
-    if len(engine) == 2 and (http := runs.get((CANDLEWICK, 1))):
-        result["overhead_table"], result["streaming_overhead"] = overhead_table(*engine, http)
-    result["engine_alone"] = engine
     result["runs"] = {f"{s}@{c}": summary(r) for (s, c), r in runs.items()}
     return result
 
@@ -280,9 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf", type=Path, default=Path("/tmp/candlewick-bench-hf"))
     p.add_argument("--streams", type=lambda t: [int(x) for x in t.split(",")], default="1,8,16")
     p.add_argument("--systems", type=lambda t: t.split(","), default=f"{CANDLEWICK},{MLX_LM}")
-    for flag, default in (("--prompt-tokens", 128), ("--max-tokens", 64), ("--seed", 0)):
+    for flag, default in (("--prompt-tokens", PROMPT), ("--max-tokens", 64), ("--seed", 0)):
         p.add_argument(flag, type=int, default=default)
-    p.add_argument("--no-engine", dest="engine", action="store_false", help="skip part (a)")
+    p.add_argument("--rounds", type=int, default=5, help="overhead rounds, part (a); 0 skips")
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds")
     p.add_argument("--start-timeout", type=float, default=300, help="per server, seconds")
     p.add_argument("--logs", type=Path, default=Path("/tmp/candlewick-bench-logs"))
