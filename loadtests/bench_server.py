@@ -1,8 +1,9 @@
 """HTTP serving benchmarks: what HTTP + SSE cost over the engine, and throughput against mlx-lm.
 
 (a) Single-stream output tok/s of `candlewick serve` under loadgen (concurrency 1) against its
-`EngineCore` stepped in this process on prompts and lengths of the same size, in alternating
-rounds (engine, then HTTP); the median round's overhead is the result.
+`EngineCore` stepped in this process on prompts and lengths of the same size, in rounds of one
+each, back to back (engine first in odd rounds, HTTP first in even ones); the median round's
+overhead is the result.
 (b) `candlewick serve` and `mlx_lm.server` on one float32 Hugging Face folder exported from the
 GGUF, started here one at a time, warmed up, loaded at each concurrency with greedy fixed-length
 requests (mlx_lm.server lacks `ignore_eos`: its requests ban EOS with `logit_bias`). Each run
@@ -218,7 +219,7 @@ def markdown(head: list[str], rows: list[list[str]]) -> str:
 
 
 def overhead_table(rounds: list[tuple[dict, Run]]) -> tuple[str, float]:
-    """One row per round (engine alone, then HTTP, back to back); the median round's overhead."""
+    """One row per round (engine alone and HTTP, back to back); the median round's overhead."""
     rows, overheads = [], []
     for i, (engine, http) in enumerate(rounds, 1):
         r = http.report
@@ -252,8 +253,8 @@ def throughput_table(runs: dict[tuple[str, int], Run]) -> str:
 
 def serve_and_load(system: str, args: Args, data: Path) -> tuple[dict[int, Run], list]:
     """Loads at each concurrency; for candlewick first the overhead rounds: the engine alone in
-    this process (the server idle), then one HTTP stream (this process idle), alternately, so
-    both halves of a round see the same machine."""
+    this process (the server idle) and one HTTP stream (this process idle) back to back, the
+    order swapped each round, so both halves of a round see the same machine."""
     port = free_port()
     if system == CANDLEWICK:
         argv, model, extra = candlewick_argv(args.hf, port, data), CANDLEWICK, {}
@@ -266,8 +267,13 @@ def serve_and_load(system: str, args: Args, data: Path) -> tuple[dict[int, Run],
     with running(argv, args.logs / f"{system}.log", args.start_timeout) as server:
         load(server, model, 8, args, extra, max_tokens=4, seed=args.seed + WARM)  # warm-up
         for i in range(args.rounds if engine else 0):
-            alone = engine.measure(SINGLE)
-            http = load(server, model, 1, args, extra, seed=args.seed + 2 * WARM + i)
+            seed = args.seed + 2 * WARM + i
+            if i % 2:  # every other round HTTP goes first: a drifting machine favours neither
+                http = load(server, model, 1, args, extra, seed=seed)
+                alone = engine.measure(SINGLE)
+            else:
+                alone = engine.measure(SINGLE)
+                http = load(server, model, 1, args, extra, seed=seed)
             rounds.append((alone, http))
             print(
                 f"round {i + 1}: engine {alone['output_tok_s']:.2f} tok/s, HTTP "
