@@ -16,6 +16,10 @@ class AsyncEngine:
 
     A caller that stops iterating before the request finishes (a client that went away, a
     cancelled task) aborts it: its KV blocks are freed on the engine's next turn.
+
+    A caller that falls behind (a busy event loop: many streams, each token's text, SSE and
+    socket work) gets the outputs waiting for it merged into one, so its per-output costs are
+    paid once per wake-up rather than once per token, and it catches up instead of lagging.
     """
 
     def __init__(self, core: EngineCore) -> None:
@@ -36,6 +40,8 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await stream.get()
+                while not output.finished and not stream.empty():
+                    output = output.merge(stream.get_nowait())
                 finished = output.finished
                 yield output
         finally:

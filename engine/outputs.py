@@ -41,3 +41,23 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
     queued_s: float | None = None  # on the first token: arrival to first scheduled (seconds)
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by ``later`` of the same request, as one: a caller that fell
+        behind the engine takes several steps' tokens at once instead of one by one."""
+        if later.request_id != self.request_id:
+            raise ValueError(f"cannot merge {later.request_id!r} into {self.request_id!r}")
+        if self.finished:
+            raise ValueError(f"request {self.request_id!r} already finished")
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
+            num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
+            num_output_tokens=max(later.num_output_tokens, self.num_output_tokens),
+            logprobs=self.logprobs + later.logprobs,
+            error=later.error,
+            queued_s=self.queued_s if self.queued_s is not None else later.queued_s,
+        )

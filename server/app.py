@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
 from server.routes import adapters, completions, health, models, tokenize
@@ -83,14 +84,25 @@ def _load(state: ServerState) -> None:
 def limit_body(app: FastAPI, max_bytes: int, max_upload_bytes: int) -> None:
     """413 for a request whose declared body is larger than its limit (adapter uploads have
     their own, larger one; multipart framing gets a little room)."""
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_bytes=max_upload_bytes)
 
-    @app.middleware("http")
-    async def _limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        upload = request.url.path == "/v1/adapters" and request.method == "POST"
-        limit = max_upload_bytes + (1 << 16) if upload else max_bytes
-        if length and length.isdigit() and int(length) > limit:
-            return error_response(
-                TooLarge(f"the request body has {length} bytes; the limit is {limit}")
-            )
-        return await call_next(request)
+
+class BodyLimit:
+    """The body-size check as a plain ASGI middleware: it looks at the request's headers and
+    otherwise stays out of the way. (Starlette's ``@app.middleware("http")`` would relay every
+    chunk of every streamed response through a memory stream and extra tasks, a cost paid per
+    token on each SSE stream.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int) -> None:
+        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+            upload = scope["path"] == "/v1/adapters" and scope["method"] == "POST"
+            limit = self.max_upload_bytes + (1 << 16) if upload else self.max_bytes
+            if length.isdigit() and int(length) > limit:
+                message = f"the request body has {length.decode()} bytes; the limit is {limit}"
+                await error_response(TooLarge(message))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

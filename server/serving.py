@@ -327,11 +327,13 @@ class OpenAIServing:
 
     def _observe_tokens(self, model: str, out: RequestOutput, before: int, since_start, gap):
         m = self.metrics
-        m.generation_tokens.labels(model).inc(len(out.new_token_ids))
+        n = len(out.new_token_ids)
+        m.generation_tokens.labels(model).inc(n)
         if before == 0:
             m.ttft.labels(model).observe(since_start)
-        else:
-            m.itl.labels(model).observe(gap)
+        else:  # several tokens at once (merged outputs): the gap shared out among them
+            for _ in range(n):
+                m.itl.labels(model).observe(gap / n)
         if out.queued_s is not None:
             m.queue_time.labels(model).observe(out.queued_s)
 

@@ -92,3 +92,19 @@ def test_duplicate_request_id_is_refused(engine):
         await first.aclose()
 
     asyncio.run(main())
+
+
+def test_a_caller_that_falls_behind_gets_the_waiting_outputs_merged(engine, model):
+    prompt = prompts(1, seed=13)[0]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate(EngineRequest("behind", prompt, params))
+        first = await stream.__anext__()
+        await until(lambda: not engine.core.has_work)  # every token made, none read yet
+        return first, [out async for out in stream]
+
+    first, rest = asyncio.run(main())
+    assert len(rest) == 1 and rest[0].finished and rest[0].finish_reason == "length"
+    assert list(first.new_token_ids + rest[0].new_token_ids) == reference(model, prompt, 10)
+    assert rest[0].num_output_tokens == 10
