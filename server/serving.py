@@ -332,8 +332,9 @@ class OpenAIServing:
         if before == 0:
             m.ttft.labels(model).observe(since_start)
         else:  # several tokens at once (merged outputs): the gap shared out among them
+            itl = m.itl.labels(model)
             for _ in range(n):
-                m.itl.labels(model).observe(gap / n)
+                itl.observe(gap / n)
         if out.queued_s is not None:
             m.queue_time.labels(model).observe(out.queued_s)
 
