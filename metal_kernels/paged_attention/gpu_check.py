@@ -126,18 +126,24 @@ def parity(kernel, full: bool) -> dict:
     return report
 
 
+def chain(step, q: mx.array, group: int) -> mx.array:
+    """``group`` calls, each taking the previous one's output as its query (built, not run)."""
+    x = q
+    for _ in range(group):
+        x = step(x)
+    return x
+
+
 def bench(step, q: mx.array, iters: int = 30, group: int = 20) -> float:
     """Microseconds per call on the device. Each call's output is the next call's query, so the
     ``group`` calls run one after another as a model's layers do (independent calls may run
     concurrently on the GPU, which flatters a kernel that leaves it half idle). The chain is
     built in Python untimed, then evaluated and timed; the median over ``iters`` chains."""
-    mx.eval(step(step(q)))
+    mx.eval(chain(step, q, 2))
     mx.synchronize()
     times = []
     for _ in range(iters):
-        x = q
-        for _ in range(group):
-            x = step(x)
+        x = chain(step, q, group)
         start = time.perf_counter()
         mx.eval(x)
         mx.synchronize()
@@ -147,14 +153,11 @@ def bench(step, q: mx.array, iters: int = 30, group: int = 20) -> float:
 
 def bench_call(step, q: mx.array, iters: int = 20, group: int = 10) -> float:
     """Microseconds per call as above, building the calls in Python included."""
-    mx.eval(step(step(q)))
+    mx.eval(chain(step, q, 2))
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
-        x = q
-        for _ in range(group):
-            x = step(x)
-        mx.eval(x)
+        mx.eval(chain(step, q, group))
     mx.synchronize()
     return (time.perf_counter() - start) / (iters * group) * 1e6
 
