@@ -84,6 +84,11 @@ class EngineCore:
         self.pipelined = config.pipelined
         self._in_flight: tuple[SchedulerOutput, InFlightStep] | None = None
 
+    def warm_up(self) -> None:
+        """Build what the first steps would otherwise build on the fly (on this thread)."""
+        chunk = min(self.config.long_prefill_chunk, self.config.max_num_batched_tokens)
+        self.runner.store.warm_up(chunk, self.runner.windows)
+
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request.to_request())
 
@@ -193,6 +198,10 @@ class EngineThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self.core.warm_up()
+        except Exception:  # only a speed-up: serving goes on without it
+            log.exception("engine warm-up failed")
         while not self._stop.is_set():
             self._wake.clear()
             outputs = self._drain_inbox()

@@ -34,6 +34,62 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Mask
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
+def shape_bucket(n: int) -> int:
+    """The smallest of 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ... (four sizes per
+    doubling) that holds ``n``: at most a quarter more than ``n`` past 64."""
+    if n <= 64:
+        return 64
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _pad_to(x: mx.array, length: int) -> mx.array:
+    """``x`` [B, H, L, D] zero-padded at the end of axis 2 to ``length``, as a fresh row-major
+    array (its strides depend on its shape alone)."""
+    extra = length - x.shape[2]
+    if extra == 0:
+        return mx.contiguous(x)
+    return mx.pad(x, [(0, 0), (0, 0), (0, extra), (0, 0)])
+
+
+def prefill_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    offset: int,
+    window: int | None,
+    scale: float,
+    stable_shapes: bool,
+) -> mx.array:
+    """A prefill chunk's attention: q [1, H, n, D] holds the queries at positions
+    ``offset .. offset + n - 1``, k and v [1, Hkv, offset + n, D] every key up to the last one.
+
+    With ``stable_shapes`` the call only ever sees a few shapes: q is zero-padded at its end to
+    ``shape_bucket(n)`` rows, and k, v to match, so that backends which build a plan per shape
+    and layout (MLX's cuDNN attention on CUDA takes ~37 ms to build one, then ~0.1 ms to run it)
+    reuse their plans across chunks of every length. A first chunk pads k and v by as many rows
+    as q, which keeps the lower-right causal mask exact; any other chunk pads k and v to the
+    bucket of ``offset`` + the padded query count under an explicit mask. Padded queries see
+    only earlier keys and padding, and their rows are dropped.
+    """
+    n = q.shape[2]
+    if not stable_shapes:
+        return attention(q, k, v, scale=scale, mask=attention_mask(n, offset, window))
+    q_len = shape_bucket(n)
+    if offset == 0 and (window is None or q_len <= window):
+        k_len, mask = q_len, "causal"
+    else:
+        k_len = shape_bucket(offset + q_len)
+        q_pos = mx.arange(offset, offset + q_len)[:, None]
+        k_pos = mx.arange(k_len)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask = mask & (q_pos - k_pos < window)
+    out = attention(_pad_to(q, q_len), _pad_to(k, k_len), _pad_to(v, k_len), scale=scale, mask=mask)
+    return out[:, :, :n]
+
+
 def gather_kv(pool: mx.array, block_table: mx.array, block_size: int) -> mx.array:
     """The keys (or values) of the blocks in ``block_table``, in order.
 

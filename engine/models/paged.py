@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.config import ModelConfig
-from engine.models.attention import attention, attention_mask, gather_kv
+from engine.models.attention import gather_kv, prefill_attention, shape_bucket
 from metal_kernels.paged_attention import paged_decode_attention
 
 
@@ -43,15 +43,42 @@ class AttentionMetadata:
     block_size: int
 
 
+def plans_attention_per_shape(dtype: mx.Dtype) -> bool:
+    """Whether fused attention on this device builds a plan for every new shape: MLX's CUDA
+    backend does (cuDNN) in float16 and bfloat16; Metal and the CPU do not."""
+    return mx.cuda.is_available() and mx.default_device() == mx.gpu and dtype in _CUDNN_DTYPES
+
+
+_CUDNN_DTYPES = (mx.float16, mx.bfloat16)
+
+
 class PagedKVStore:
     """The block pools of every layer: keys and values [num_blocks * block_size, Hkv, D].
 
     Block 0 is the null block: padding slots write there and nothing reads it unmasked.
+    ``stable_prefill_shapes`` pads prefill attention to a few shapes (`prefill_attention`);
+    None decides by device.
     """
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: mx.Dtype):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: mx.Dtype,
+        stable_prefill_shapes: bool | None = None,
+    ):
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.dtype = dtype
+        if stable_prefill_shapes is None:
+            stable_prefill_shapes = plans_attention_per_shape(dtype)
+        self.stable_prefill_shapes = stable_prefill_shapes
         self.keys = [mx.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.values = [mx.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         mx.eval(self.keys, self.values)
@@ -62,6 +89,22 @@ class PagedKVStore:
 
     def layer_caches(self, meta: AttentionMetadata, windows: list[int | None]) -> list:
         return [PagedLayerCache(self, i, meta, w) for i, w in enumerate(windows)]
+
+    def warm_up(self, max_chunk: int, windows: list[int | None]) -> None:
+        """Run prefill attention once for every first-chunk shape up to ``max_chunk`` tokens,
+        so that plans built per shape (see ``stable_prefill_shapes``) are built now rather than
+        during the first requests. MLX keeps those plans per thread: call this on the thread
+        that runs the model."""
+        if not self.stable_prefill_shapes:
+            return
+        for length in sorted({shape_bucket(n) for n in range(1, max_chunk + 1)}):
+            q = mx.zeros((1, self.num_heads, length, self.head_dim), self.dtype)
+            kv = mx.zeros((1, self.num_kv_heads, length, self.head_dim), self.dtype)
+            for window in set(windows):
+                out = prefill_attention(
+                    q, kv, kv, offset=0, window=window, scale=1.0, stable_shapes=True
+                )
+                mx.eval(out)
 
     @property
     def state(self) -> list[mx.array]:
@@ -110,6 +153,15 @@ class PagedLayerCache:
             else:
                 keys = gather_kv(k_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
                 values = gather_kv(v_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
-            mask = attention_mask(seg.length, seg.seq_len - seg.length, self.window)
-            outs.append(attention(qs, keys, values, scale=scale, mask=mask))
+            outs.append(
+                prefill_attention(
+                    qs,
+                    keys,
+                    values,
+                    offset=seg.seq_len - seg.length,
+                    window=self.window,
+                    scale=scale,
+                    stable_shapes=store.stable_prefill_shapes,
+                )
+            )
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

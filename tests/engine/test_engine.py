@@ -209,3 +209,27 @@ def test_overlapped_steps_equal_sequential_steps(model):
     assert overlapped == sequential
     assert overlapped["r2"][-1] == stop and len(overlapped["r4"]) == 3
     assert overlapped_core.kv.num_free_blocks == overlapped_core.num_blocks - 1
+
+
+def test_prefill_padded_to_stable_shapes_equals_exact(model):
+    """Chunks, continuations and prefix hits with prefill attention padded to bucket shapes
+    (what CUDA runs) give the tokens and logprobs of exact-shape attention."""
+    shared = prompts(1, seed=21)[0] * 2
+    ps = [shared + [5], shared + [9, 4], *prompts(4, seed=22)]
+
+    def reqs():
+        return [EngineRequest(f"r{i}", p, greedy(8, logprobs=0)) for i, p in enumerate(ps)]
+
+    def make(stable: bool) -> EngineCore:
+        core = make_core(model, long_prefill_chunk=7, max_num_batched_tokens=20)
+        core.runner.store.stable_prefill_shapes = stable
+        core.warm_up()
+        return core
+
+    padded_core = make(True)
+    padded, padded_lp = run(padded_core, reqs())
+    exact, exact_lp = run(make(False), reqs())
+    assert padded_core.kv.prefix_cache_stats.hits > 0
+    assert padded == exact
+    for rid in exact_lp:
+        np.testing.assert_allclose(padded_lp[rid], exact_lp[rid], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,54 @@
+"""Prefill attention padded to a few shapes (as on CUDA, where cuDNN builds a plan per shape)
+against the exact-shape call: same outputs for first chunks, continuations and sliding windows."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.models.attention import prefill_attention, shape_bucket
+
+H, HKV, D = 4, 2, 16
+
+
+def test_shape_bucket_has_four_sizes_per_doubling():
+    assert [shape_bucket(n) for n in (1, 64, 65, 80, 81, 128, 129, 512, 513, 1000)] == [
+        64, 64, 80, 80, 96, 128, 160, 512, 640, 1024,
+    ]  # fmt: skip
+    for n in range(1, 5000):
+        b = shape_bucket(n)
+        assert b >= n and (n <= 64 or b <= 1.25 * n)
+    assert len({shape_bucket(n) for n in range(1, 513)}) == 13
+
+
+CASES = [
+    # (new tokens, tokens already cached, window)
+    (1, 0, None),
+    (7, 0, None),
+    (64, 0, None),
+    (65, 0, None),
+    (100, 0, 48),  # a first chunk longer than the window: explicit mask
+    (30, 0, 200),
+    (1, 90, None),
+    (13, 51, None),
+    (80, 300, None),
+    (40, 70, 32),
+    (9, 120, 16),
+]
+
+
+@pytest.mark.parametrize(("n", "offset", "window"), CASES)
+def test_padded_equals_exact(n, offset, window):
+    rng = np.random.default_rng(n * 1000 + offset)
+    total = 3 + offset + n + 5
+    # As in a step: the chunk's rows are a slice of the step's tokens, a transposed view.
+    q_all = mx.array(rng.standard_normal((1, total, H, D)), dtype=mx.float32).transpose(0, 2, 1, 3)
+    kv = mx.array(rng.standard_normal((2, 1, offset + n, HKV, D)), dtype=mx.float32)
+    q = q_all[:, :, 3 : 3 + n]
+    k, v = kv[0].transpose(0, 2, 1, 3), kv[1].transpose(0, 2, 1, 3)
+    kw = {"offset": offset, "window": window, "scale": D**-0.5}
+    exact = prefill_attention(q, k, v, stable_shapes=False, **kw)
+    padded = prefill_attention(q, k, v, stable_shapes=True, **kw)
+    assert padded.shape == exact.shape == (1, H, n, D)
+    np.testing.assert_allclose(np.array(padded), np.array(exact), rtol=1e-5, atol=1e-5)
