@@ -57,11 +57,17 @@ def _byte_of(ch: str) -> int:
 
 @contextmanager
 def running_server(settings: ServerSettings, state: ServerState | None = None) -> Iterator[str]:
-    """Serve on a free loopback port in a thread; yields the base URL."""
+    """candlewick's app on a free loopback port in a thread; yields the base URL."""
+    with serving(create_app(settings, state)) as url:
+        yield url
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Any ASGI app under uvicorn on a free loopback port in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(settings, state)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
