@@ -88,3 +88,24 @@ class ServerMetrics:
             "candlewick_requests", "Finished requests", ["model", "finish_reason"], registry=r
         )
         r.register(_EngineCollector(snapshot))
+        self._series: dict[str, ModelSeries] = {}
+
+    def series(self, model: str) -> ModelSeries:
+        """The per-token series of one model, labelled once (a label lookup takes a lock and a
+        dict probe; a stream touches these for every token)."""
+        if (found := self._series.get(model)) is None:
+            found = self._series[model] = ModelSeries(
+                generation_tokens=self.generation_tokens.labels(model),
+                ttft=self.ttft.labels(model),
+                itl=self.itl.labels(model),
+                queue_time=self.queue_time.labels(model),
+            )
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSeries:
+    generation_tokens: Counter
+    ttft: Histogram
+    itl: Histogram
+    queue_time: Histogram

@@ -20,7 +20,7 @@ from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from server.admission import Admission, Lease
 from server.errors import BadRequest, NotFound
-from server.metrics import ServerMetrics
+from server.metrics import ModelSeries, ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.text_stream import TextStream
 
@@ -279,6 +279,7 @@ class OpenAIServing:
             lora=prepared.served.adapter,
         )
         model = prepared.served.name
+        series = self.metrics.series(model)
         text = TextStream(self.tokenizer, prepared.stop)
         start = last = time.monotonic()
         generated = 0
@@ -290,7 +291,7 @@ class OpenAIServing:
                     raise RuntimeError(out.error)
                 now = time.monotonic()
                 if out.new_token_ids:
-                    self._observe_tokens(model, out, generated, now - start, now - last)
+                    _observe_tokens(series, out, generated, now - start, now - last)
                     last = now
                 if generated == 0 and index == 0:
                     self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt_ids))
@@ -325,21 +326,20 @@ class OpenAIServing:
             return ids[:-1]
         return ids
 
-    def _observe_tokens(self, model: str, out: RequestOutput, before: int, since_start, gap):
-        m = self.metrics
-        n = len(out.new_token_ids)
-        m.generation_tokens.labels(model).inc(n)
-        if before == 0:
-            m.ttft.labels(model).observe(since_start)
-        else:  # several tokens at once (merged outputs): the gap shared out among them
-            itl = m.itl.labels(model)
-            for _ in range(n):
-                itl.observe(gap / n)
-        if out.queued_s is not None:
-            m.queue_time.labels(model).observe(out.queued_s)
-
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _observe_tokens(series: ModelSeries, out: RequestOutput, before: int, since_start, gap):
+    n = len(out.new_token_ids)
+    series.generation_tokens.inc(n)
+    if before == 0:
+        series.ttft.observe(since_start)
+    else:  # several tokens at once (merged outputs): the gap shared out among them
+        for _ in range(n):
+            series.itl.observe(gap / n)
+    if out.queued_s is not None:
+        series.queue_time.observe(out.queued_s)
 
 
 def _pick(value, default, fallback):
