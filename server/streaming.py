@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from fastapi import Request, Response
@@ -40,7 +40,7 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], ping: float = 15.0) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], ping: float = 15.0) -> None:
         self.events = events
         self.ping = ping
         self.status_code = 200
@@ -61,7 +61,7 @@ class EventStream(Response):
                     )
                     last_sent = loop.time()
             finally:
-                await self.events.aclose()  # type: ignore[attr-defined]
+                await self.events.aclose()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         async def keep_alive() -> None:
@@ -74,12 +74,8 @@ class EventStream(Response):
                     )
                     last_sent = loop.time()
 
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         streaming = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(disconnected())
+        watcher = asyncio.ensure_future(_disconnect(receive))
         pinger = asyncio.ensure_future(keep_alive())
         try:
             await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -99,8 +95,14 @@ def _frame(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def sse(events: AsyncIterator[str]) -> EventStream:
+def sse(events: AsyncGenerator[str, None]) -> EventStream:
     return EventStream(events)
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns once the client has gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def collect(serving: OpenAIServing, prepared: PreparedRequest, lease: Lease) -> Accumulator:
@@ -113,12 +115,7 @@ async def collect(serving: OpenAIServing, prepared: PreparedRequest, lease: Leas
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; if the client disconnects first, cancel it and raise."""
     task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -139,7 +136,7 @@ def _error_event(e: Exception) -> str:
 
 async def chat_events(
     serving: OpenAIServing, prepared: PreparedRequest, lease: Lease, include_usage: bool
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     builder = ResponseBuilder(serving, prepared)
     acc = Accumulator(prepared)
     try:
@@ -160,7 +157,7 @@ async def chat_events(
 
 async def completion_events(
     serving: OpenAIServing, prepared: PreparedRequest, lease: Lease, include_usage: bool
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     builder = ResponseBuilder(serving, prepared)
     acc = Accumulator(prepared)
     offsets = [0] * prepared.n

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -24,7 +24,7 @@ from server.streaming import (
 
 router = APIRouter()
 
-Events = Callable[[OpenAIServing, PreparedRequest, Lease, bool], AsyncIterator[str]]
+Events = Callable[[OpenAIServing, PreparedRequest, Lease, bool], AsyncGenerator[str, None]]
 Whole = Callable[[ResponseBuilder, Accumulator], BaseModel]
 
 
