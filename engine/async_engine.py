@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from engine.engine_core import EngineCore, EngineThread
+from engine.engine_core import EngineCore
+from engine.engine_thread import EngineThread
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 

@@ -1,19 +1,15 @@
-"""The engine core: one step loop over scheduler, model runner and scheduler again, and the
-thread it runs on. Only this thread touches MLX."""
+"""The engine core: one step loop over scheduler, model runner and scheduler again."""
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
-from collections.abc import Callable
 
 import mlx.core as mx
 
 from adapters.slots import AdapterSlots, slot_bytes
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.memory import num_kv_blocks
 from engine.model_runner import InFlightStep, ModelRunner
 from engine.models.base import CausalLM
 from engine.models.paged import PagedKVStore
@@ -23,46 +19,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
-
-
-def available_memory() -> int:
-    """Bytes the KV cache may draw on: the device's working set on a GPU, free RAM on a CPU."""
-    if mx.default_device() != mx.cpu:
-        info = mx.device_info()
-        total = int(info.get("max_recommended_working_set_size", info.get("memory_size", 0)))
-        return max(total - mx.get_active_memory(), 0)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 8 << 30
-
-
-CPU_DEFAULT_KV_CAP = 2 << 30  # the CPU shares its memory with everything else: stay modest
-
-
-def default_kv_budget(engine: EngineConfig) -> int:
-    """A fraction of free device memory; on the CPU at most CPU_DEFAULT_KV_CAP."""
-    budget = int(available_memory() * engine.kv_cache_memory_fraction)
-    return min(budget, CPU_DEFAULT_KV_CAP) if mx.default_device() == mx.cpu else budget
-
-
-def num_kv_blocks(
-    cfg: ModelConfig, engine: EngineConfig, dtype: mx.Dtype, reserved: int = 0
-) -> int:
-    """Blocks that fit the memory budget less ``reserved`` bytes (adapter slots), and never
-    more than the longest possible batch needs."""
-    if engine.num_blocks is not None:
-        return engine.num_blocks
-    per_block = PagedKVStore.bytes_per_block(cfg, engine.block_size, dtype)
-    budget = (engine.kv_cache_memory or default_kv_budget(engine)) - reserved
-    ceiling = engine.max_num_seqs * -(-cfg.max_position_embeddings // engine.block_size) + 1
-    blocks = min(budget // per_block, ceiling)
-    if blocks < 2:
-        raise ValueError(
-            f"a KV cache of {budget} bytes (after {reserved} for adapter slots) holds no block "
-            f"({per_block} bytes each): raise --kv-cache-memory or lower --max-loras"
-        )
-    return blocks
 
 
 class EngineCore:
@@ -163,63 +119,6 @@ class EngineCore:
             finish_reason="abort",
             error=f"{type(error).__name__}: {error}",
         )
-
-
-class EngineThread:
-    """Runs an EngineCore's step loop on its own thread.
-
-    Callers (any thread) submit with ``add`` and ``abort``; every step's outputs go to
-    ``publish``, called on the engine thread (the asyncio facade forwards them to its loop).
-    """
-
-    def __init__(self, core: EngineCore, publish: Callable[[list[RequestOutput]], None]) -> None:
-        self.core = core
-        self.publish = publish
-        self._new: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
-        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="candlewick-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def add(self, request: EngineRequest) -> None:
-        self._new.put(request)
-        self._wake.set()
-
-    def abort(self, request_id: str) -> None:
-        self._aborts.put(request_id)
-        self._wake.set()
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        try:
-            self.core.warm_up()
-        except Exception:  # only a speed-up: serving goes on without it
-            log.exception("engine warm-up failed")
-        while not self._stop.is_set():
-            self._wake.clear()
-            outputs = self._drain_inbox()
-            if self.core.has_work:
-                outputs.extend(self.core.step())
-            if outputs:
-                self.publish(outputs)
-            if not self.core.has_work:
-                self._wake.wait()
-
-    def _drain_inbox(self) -> list[RequestOutput]:
-        while not self._new.empty():
-            self.core.add_request(self._new.get())
-        aborted = []
-        while not self._aborts.empty():
-            if (out := self.core.abort_request(self._aborts.get())) is not None:
-                aborted.append(out)
-        return aborted
 
 
 def _penalized(params: SamplingParams) -> bool:
