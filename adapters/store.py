@@ -71,7 +71,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_live_version ON adapter_versions (name)
     WHERE deleted_at IS NULL;
 CREATE INDEX IF NOT EXISTS live_digest ON adapter_versions (digest) WHERE deleted_at IS NULL;
 """
-_COLUMNS = "name, version, digest, config_file, rank, target_modules, created"
+_COLUMNS = "name, version, digest, config_file, rank, target_modules, created, config_digest"
 _RETIRE = "UPDATE adapter_versions SET deleted_at = ? WHERE name = ? AND deleted_at IS NULL"
 
 
@@ -204,11 +204,9 @@ class AdapterStore:
             ).fetchone()
             conn.execute(_RETIRE, (now, name))
             row = (name, previous + 1, f"sha256:{hex_}", config_file, int(meta["rank"]))
-            row += (json.dumps(list(meta["target_modules"])), now)
+            row += (json.dumps(list(meta["target_modules"])), now, f"sha256:{config_hex}")
             conn.execute(
-                f"INSERT INTO adapter_versions ({_COLUMNS}, config_digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*row, f"sha256:{config_hex}"),
+                f"INSERT INTO adapter_versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
             )
             self._fault("before_commit")
             conn.execute("COMMIT")
@@ -288,12 +286,13 @@ class AdapterStore:
         return [self._version(row) for row in rows]
 
     def _version(self, row: tuple[Any, ...]) -> AdapterVersion:
-        name, version, digest, config_file, rank, target_modules, created = row
+        name, version, digest, config_file, rank, target_modules, created, config_digest = row
         blob = self.blobs / _hex_of(digest)
         return AdapterVersion(
             name=name,
             version=version,
             digest=digest,
+            config_digest=config_digest,
             rank=rank,
             target_modules=tuple(json.loads(target_modules)),
             created=created,

@@ -6,34 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from engine.lora.request import TARGETABLE, LoRAWeights
 
-# The projections a LoRA may target, by their Hugging Face module path inside a layer.
-TARGETABLE = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class LoRAWeights:
-    """One adapted projection of one layer: ``W x + scale * B (A x)``.
-
-    a: [r, in_features]; b: [out_features, r] (PEFT's orientation), float32.
-    """
-
-    a: np.ndarray
-    b: np.ndarray
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
+__all__ = ["TARGETABLE", "AdapterVersion", "LoRAWeights", "ParsedAdapter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +27,23 @@ class ParsedAdapter:
 
 @dataclass(frozen=True, slots=True)
 class AdapterVersion:
-    """An adapter's identity: (name, version, sha256 digest of its weights file).
+    """An adapter's identity: (name, version, sha256 digests of its weights and config files).
 
-    The digest enters every KV-cache block hash of requests using it, so two adapters never
-    share KV blocks, and the same weights uploaded under another name do.
+    ``cache_key`` (both digests, fixed when the version is stored) enters every KV-cache block
+    hash of requests using it and names its device slot: two adapters never share KV blocks or
+    a slot, and the same files uploaded under another name do.
     """
 
     name: str
     version: int
-    digest: str  # "sha256:<hex>"
+    digest: str  # "sha256:<hex>" of the weights file
+    config_digest: str  # "sha256:<hex>" of the config file
     rank: int
     target_modules: tuple[str, ...]
     created: float
     weights_path: Path
     config_path: Path
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.digest}+{self.config_digest}"

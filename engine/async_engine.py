@@ -9,6 +9,7 @@ from engine.engine_core import EngineCore
 from engine.engine_thread import EngineThread
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
+from engine.stats import EngineStats
 
 
 class AsyncEngine:
@@ -49,6 +50,11 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if not finished:
                 self._thread.abort(request.request_id)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's latest published snapshot (safe to read from any thread)."""
+        return self.core.stats
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

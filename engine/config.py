@@ -203,6 +203,7 @@ class EngineConfig:
     max_loras: int = 0  # adapter slots on the device (0: no LoRA support built)
     max_lora_rank: int = 16
     pipelined: bool = True  # overlap building step N+1 with the device computing step N
+    seed: int = 0  # of the sampler's own key stream (requests without a seed draw from it)
 
     def __post_init__(self) -> None:
         problems = []

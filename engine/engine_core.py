@@ -3,42 +3,56 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from adapters.slots import AdapterSlots, slot_bytes
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.lora.device import DeviceLoRA, slot_bytes
+from engine.lora.slot_table import SlotTable
 from engine.memory import num_kv_blocks
 from engine.model_runner import InFlightStep, ModelRunner
 from engine.models.base import CausalLM
 from engine.models.paged import PagedKVStore
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, request_output
 from engine.request import EngineRequest
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A step submitted to the device whose sampled tokens are not read back yet."""
+
+    scheduled: SchedulerOutput
+    submitted: InFlightStep
+
+
 class EngineCore:
-    """schedule() → execute_model() → update_from_output(), one step at a time."""
+    """schedule() → submit to the device → update_from_output(), one step at a time, with the
+    next step built while the device computes the one before it."""
 
     def __init__(self, model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> None:
         self.config = config
-        self.slots = None
         reserved = 0
         if config.max_loras > 0:
             reserved = (config.max_loras + 1) * slot_bytes(model, config.max_lora_rank, dtype)
         self.num_blocks = num_kv_blocks(model.config, config, dtype, reserved)
+        lora = slots = None
         if config.max_loras > 0:
-            self.slots = AdapterSlots(model, config.max_loras, config.max_lora_rank, dtype)
+            lora = DeviceLoRA(model, config.max_loras, config.max_lora_rank, dtype)
+            slots = SlotTable(config.max_loras)
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv, self.slots)
+        self.scheduler = Scheduler(config, self.kv, slots)
         store = PagedKVStore(model.config, self.num_blocks, config.block_size, dtype)
-        self.runner = ModelRunner(model, store, self.slots)
-        self.pipelined = config.pipelined
-        self._in_flight: tuple[SchedulerOutput, InFlightStep] | None = None
+        self.runner = ModelRunner(model, store, lora, seed=config.seed)
+        self._in_flight: _InFlight | None = None
+        self._failed: list[RequestOutput] = []
+        self.stats = EngineStats()
+        self._publish_stats()
 
     def warm_up(self) -> None:
         """Build what the first steps would otherwise build on the fly (on this thread)."""
@@ -47,20 +61,12 @@ class EngineCore:
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request.to_request())
+        self._publish_stats()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort_request(request_id)
-        if request is None:
-            return None
-        return RequestOutput(
-            request_id=request_id,
-            new_token_ids=(),
-            finished=True,
-            finish_reason="abort",
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            num_output_tokens=request.num_output_tokens,
-        )
+        self._publish_stats()
+        return request_output(request) if request is not None else None
 
     @property
     def has_work(self) -> bool:
@@ -69,59 +75,88 @@ class EngineCore:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and submit the next step, then read back the one before it.
-
-        The device computes one step while Python schedules and builds the next: a running
-        request's newest token is fed to the next step straight from the device, before the host
-        has seen it. A request that stops on that token wastes one step's work on it; its
-        output from that step is dropped. Requests with repetition, frequency or presence
-        penalties need every earlier token on the host, so while any runs, steps do not overlap.
-        """
-        outputs: list[RequestOutput] = []
-        if self._in_flight is not None and (not self.pipelined or self._needs_history()):
-            outputs += self._finish(self._in_flight)
-            self._in_flight = None
+        """Schedule the next step and submit it, then read back the step before it while the
+        device computes this one. A running request's newest token is fed to the next step
+        straight from the device, before the host has seen it; a request that stops on that
+        token wastes one step's work on it. A step whose tokens the next one needs on the host
+        (the scheduler says ``sync``) is read back at once instead."""
         scheduled = self.scheduler.schedule()
+        submitted = self._submit(scheduled)
+        outputs = self._collect(self._in_flight)
+        self._in_flight = submitted
+        if scheduled.sync:
+            outputs += self._collect(self._in_flight)
+            self._in_flight = None
+        self._publish_stats()
+        return self._take_failed() + outputs
+
+    def _submit(self, scheduled: SchedulerOutput) -> _InFlight | None:
+        """Load new adapters, then queue the step on the device; None when it samples nothing
+        (or failed: its requests fail, the engine goes on)."""
+        scheduled = self._load_adapters(scheduled)
         try:
             submitted = self.runner.submit(scheduled)
-        except Exception as e:  # a failed step fails its requests, not the engine
-            log.exception("engine step failed")
-            submitted = None
-            outputs += [self._fail(item.request.request_id, e) for item in scheduled.scheduled]
-        previous = self._in_flight
-        samples = submitted is not None and submitted.sampled is not None
-        self._in_flight = (scheduled, submitted) if samples else None
-        if previous is not None:
-            outputs += self._finish(previous)
-        if not self.pipelined and self._in_flight is not None:
-            outputs += self._finish(self._in_flight)
-            self._in_flight = None
-        return outputs
-
-    def _finish(self, in_flight: tuple[SchedulerOutput, InFlightStep]) -> list[RequestOutput]:
-        scheduled, submitted = in_flight
-        try:
-            result = self.runner.collect(submitted)
         except Exception as e:
             log.exception("engine step failed")
-            return [self._fail(item.request.request_id, e) for item in scheduled.scheduled]
-        return self.scheduler.update_from_output(scheduled, result)
+            self._fail([item.request.request_id for item in scheduled.scheduled], e)
+            return None
+        return _InFlight(scheduled, submitted) if submitted.sampled is not None else None
 
-    def _needs_history(self) -> bool:
-        return any(_penalized(r.sampling_params) for r in self.scheduler.running)
+    def _collect(self, in_flight: _InFlight | None) -> list[RequestOutput]:
+        """Wait for a submitted step's tokens and hand them to the scheduler."""
+        if in_flight is None:
+            return []
+        try:
+            result = self.runner.collect(in_flight.submitted)
+        except Exception as e:
+            log.exception("engine step failed")
+            self._fail([item.request.request_id for item in in_flight.scheduled.scheduled], e)
+            return []
+        return self.scheduler.update_from_output(in_flight.scheduled, result)
 
-    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
-        self.scheduler.fail_request(request_id)
-        return RequestOutput(
-            request_id=request_id,
-            new_token_ids=(),
-            finished=True,
-            finish_reason="abort",
-            error=f"{type(error).__name__}: {error}",
+    def _load_adapters(self, scheduled: SchedulerOutput) -> SchedulerOutput:
+        """Write the adapters the scheduler put into slots; requests whose adapter does not
+        load fail and leave the step, and their slot is emptied."""
+        failed: set[int] = set()
+        for load in scheduled.lora_loads:
+            try:
+                self.runner.load_adapter(load)
+            except Exception as e:
+                log.exception("loading adapter %s failed", load.lora.name)
+                failed.add(load.slot)
+                self.scheduler.slots.forget(load.slot)
+                error = e
+        if not failed:
+            return scheduled
+        dropped = [s for s in scheduled.scheduled if s.request.lora_slot in failed]
+        self._fail([item.request.request_id for item in dropped], error)
+        kept = tuple(s for s in scheduled.scheduled if s not in dropped)
+        return replace(scheduled, scheduled=kept, lora_loads=())
+
+    def _fail(self, request_ids: list[str], error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"
+        for request_id in request_ids:
+            if (request := self.scheduler.fail_request(request_id)) is not None:
+                self._failed.append(request_output(request, error=message))
+
+    def _take_failed(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _publish_stats(self) -> None:
+        sched, prefix, slots = (
+            self.scheduler.stats,
+            self.kv.prefix_cache_stats,
+            self.scheduler.slots,
         )
-
-
-def _penalized(params: SamplingParams) -> bool:
-    return bool(
-        params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
-    )
+        self.stats = EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            kv_usage=sched.kv_usage,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=sched.num_preemptions,
+            adapters_loaded=slots.resident if slots is not None else 0,
+            adapter_loads=slots.loads if slots is not None else 0,
+            num_kv_blocks=self.num_blocks - 1,
+        )

@@ -3,7 +3,6 @@ to tokens, used by `candlewick generate` and as the reference the batched engine
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -47,8 +46,7 @@ def generate_tokens(
         raise ValueError("the prompt has no tokens")
     if settings.max_tokens == 0:
         return
-    seed = settings.seed if settings.seed is not None else random.getrandbits(63)
-    key = mx.random.key(seed)
+    key = mx.random.key(settings.seed if settings.seed is not None else 0)
     cache = model.make_cache()
 
     def step(tokens: mx.array) -> mx.array:

@@ -7,48 +7,57 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from adapters.slots import AdapterSlots
+from engine.lora.device import DeviceLoRA
+from engine.lora.slot_table import SlotLoad
 from engine.models.base import CausalLM
 from engine.models.paged import AttentionMetadata, PagedKVStore, PrefillSegment
 from engine.outputs import ModelRunnerOutput, TokenLogprob
 from engine.sampler import SampledArrays, Sampler
-from engine.sampling_metadata import SamplingMetadata
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from engine.sampling_metadata import SamplingMetadata, SamplingRow
+from engine.scheduler import ScheduledRequest, SchedulerOutput, StepPhase
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInput:
     """A step's tokens flattened into one row, decodes first, and what to sample from.
 
-    ``logits_indices[j]`` is the flat index of the last token of ``sampling[j]``: the rows whose
-    computed tokens reach the end of what they know, and so produce a token.
+    The requests in ``sampling`` reach the end of what they know, and so produce tokens: one
+    from their last token, and one from each draft they verify. ``logits_indices`` lists the
+    flat index of each such position, request by request; ``sampling_rows`` their settings.
     """
 
     token_ids: mx.array  # [T] int32
     attention: AttentionMetadata
     logits_indices: mx.array  # [R] int32
     sampling: tuple[ScheduledRequest, ...]
+    sampling_rows: tuple[SamplingRow, ...]  # [R]
     token_slots: list[int]  # [T] each token's adapter slot (0: the base model)
 
 
 @dataclass(frozen=True, slots=True)
 class InFlightStep:
-    """A submitted step: which requests sample, and their tokens still on the device."""
+    """A submitted step: which requests sample (and at how many positions each), and their
+    tokens still on the device."""
 
     ids: tuple[str, ...]
     sampled: SampledArrays | None
+    counts: tuple[int, ...] = ()  # positions sampled per request of ``ids``
 
 
 class ModelRunner:
     """Owns the model and the device KV pools; only the engine thread calls it."""
 
     def __init__(
-        self, model: CausalLM, store: PagedKVStore, slots: AdapterSlots | None = None
+        self,
+        model: CausalLM,
+        store: PagedKVStore,
+        lora: DeviceLoRA | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.store = store
-        self.slots = slots
-        self.sampler = Sampler()
+        self.lora = lora
+        self.sampler = Sampler(seed)
         self.windows = [layer.window for layer in model.model.layers]
         self._device_tokens: dict[str, tuple[mx.array, int]] = {}
 
@@ -62,70 +71,89 @@ class ModelRunner:
         if not output.scheduled:
             return InFlightStep(ids=(), sampled=None)
         inputs = self.prepare_inputs(output)
-        if self.slots is not None:
-            self.slots.set_step(inputs.token_slots)
+        if self.lora is not None:
+            self.lora.set_step(inputs.token_slots)
         caches = self.store.layer_caches(inputs.attention, self.windows)
         hidden = self.model.hidden(inputs.token_ids[None], caches)[0]  # [T, hidden]
         if not inputs.sampling:
             mx.async_eval(self.store.state)
             return InFlightStep(ids=(), sampled=None)
         logits = self.model.logits(hidden[inputs.logits_indices])  # [R, vocab]
-        requests = [item.request for item in inputs.sampling]
-        meta = SamplingMetadata.from_requests(requests, logits.shape[-1])
+        meta = SamplingMetadata.from_rows(inputs.sampling_rows, logits.shape[-1])
         sampled = self.sampler.submit(logits, meta)
         mx.async_eval(self.store.state)
-        ids = tuple(r.request_id for r in requests)
-        # The next step may consume these tokens before anyone reads them.
-        self._device_tokens = {rid: (sampled.tokens, row) for row, rid in enumerate(ids)}
-        return InFlightStep(ids=ids, sampled=sampled)
+        ids = tuple(item.request.request_id for item in inputs.sampling)
+        counts = tuple(item.num_sampled for item in inputs.sampling)
+        # The next step may consume these tokens before anyone reads them (a request's last
+        # sampled position is its newest token).
+        ends = np.cumsum(counts) - 1
+        self._device_tokens = {
+            rid: (sampled.tokens, int(end)) for rid, end in zip(ids, ends, strict=True)
+        }
+        return InFlightStep(ids=ids, sampled=sampled, counts=counts)
+
+    def load_adapter(self, load: SlotLoad) -> None:
+        """Write an adapter's weights into its device slot (before the step that uses it)."""
+        assert self.lora is not None, "adapter slots were not built (max_loras = 0)"
+        self.lora.load(load)
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """The sampled tokens of a submitted step (waits for the device)."""
         if step.sampled is None:
             return ModelRunnerOutput()
         result = self.sampler.resolve(step.sampled)
-        logprobs = {
-            step.ids[row]: TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top=tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True)),
-            )
-            for row, lp in enumerate(result.logprobs)
-            if lp is not None
-        }
-        return ModelRunnerOutput(
-            sampled=dict(zip(step.ids, result.token_ids, strict=True)), logprobs=logprobs
-        )
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list[TokenLogprob]] = {}
+        row = 0
+        for rid, count in zip(step.ids, step.counts, strict=True):
+            sampled[rid] = result.token_ids[row : row + count]
+            lps = [lp for lp in result.logprobs[row : row + count] if lp is not None]
+            if lps:
+                logprobs[rid] = [
+                    TokenLogprob(
+                        token_id=lp.token_id,
+                        logprob=lp.logprob,
+                        top=tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True)),
+                    )
+                    for lp in lps
+                ]
+            row += count
+        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs)
 
     def prepare_inputs(self, output: SchedulerOutput) -> ModelInput:
         bs = self.store.block_size
-        decodes = [s for s in output.scheduled if s.num_tokens == 1]
-        prefills = [s for s in output.scheduled if s.num_tokens > 1]
+        decodes = [s for s in output.scheduled if s.phase == StepPhase.DECODE]
+        prefills = [s for s in output.scheduled if s.phase != StepPhase.DECODE]
         tokens: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         segments: list[PrefillSegment] = []
         sampling: list[ScheduledRequest] = []
+        sampling_rows: list[SamplingRow] = []
         logits_indices: list[int] = []
+        vocab = self.model.config.vocab_size
         token_slots: list[int] = []
         unseen_at: list[int] = []  # flat indices whose token is still on the device
         unseen_src: list[tuple[mx.array, int]] = []
         for item in decodes + prefills:
             start = len(tokens)
             all_ids = item.request.all_token_ids
-            known = all_ids[item.start : item.start + item.num_tokens]
+            drafts = item.draft_token_ids
+            num_fed = item.num_tokens - len(drafts)  # tokens before the drafts
+            known = all_ids[item.start : item.start + num_fed]
             tokens.extend(known)
-            if len(known) < item.num_tokens:  # the last token was sampled by the step in flight
-                assert len(known) == item.num_tokens - 1, "at most one token is unseen"
+            if len(known) < num_fed:  # the last token was sampled by the step in flight
+                assert len(known) == num_fed - 1 and not drafts, "at most one token is unseen"
                 unseen_at.append(len(tokens))
                 unseen_src.append(self._device_tokens[item.request.request_id])
                 tokens.append(0)
+            tokens.extend(drafts)
             token_slots.extend([item.request.lora_slot] * item.num_tokens)
             pos = np.arange(item.start, item.start + item.num_tokens)
             table = np.asarray(item.block_ids, dtype=np.int64)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if item.num_tokens > 1:
+            if item.phase != StepPhase.DECODE:
                 n_blocks = -(-(item.start + item.num_tokens) // bs)
                 segments.append(
                     PrefillSegment(
@@ -137,7 +165,9 @@ class ModelRunner:
                 )
             if item.samples:
                 sampling.append(item)
-                logits_indices.append(len(tokens) - 1)
+                first = len(tokens) - 1 - len(drafts)
+                logits_indices.extend(range(first, len(tokens)))
+                sampling_rows.extend(SamplingRow.positions(item.request, drafts, vocab))
         decode_tables = decode_lens = None
         if decodes:
             width = max(-(-(d.start + 1) // bs) for d in decodes)
@@ -167,5 +197,6 @@ class ModelRunner:
             attention=attention,
             logits_indices=mx.array(logits_indices, dtype=mx.int32),
             sampling=tuple(sampling),
+            sampling_rows=tuple(sampling_rows),
             token_slots=token_slots,
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from engine.request import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,10 +19,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True, slots=True)
 class ModelRunnerOutput:
-    """One step's sampled tokens, keyed by request id (only requests that sampled)."""
+    """One step's sampled tokens, keyed by request id (only requests that sampled): one token
+    per position sampled, so k + 1 for a request that verified k drafts."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +65,28 @@ class RequestOutput:
             error=later.error,
             queued_s=self.queued_s if self.queued_s is not None else later.queued_s,
         )
+
+
+def request_output(
+    request: Request,
+    new_token_ids: Sequence[int] = (),
+    logprobs: Sequence[TokenLogprob] = (),
+    *,
+    error: str | None = None,
+    queued_s: float | None = None,
+) -> RequestOutput:
+    """The one place a ``RequestOutput`` is built: new tokens, a finish (stop, length, abort)
+    or a failure all read the request as it stands now."""
+    finished = request.status.finished
+    return RequestOutput(
+        request_id=request.request_id,
+        new_token_ids=tuple(new_token_ids),
+        finished=finished,
+        finish_reason=request.status.value if finished else None,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_cached_tokens=request.num_cached_tokens,
+        num_output_tokens=request.num_output_tokens,
+        logprobs=tuple(logprobs),
+        error=error,
+        queued_s=queued_s,
+    )

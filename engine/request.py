@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from adapters.types import AdapterVersion
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
+from engine.spec.proposer import DraftProposer
+from engine.structured.constraint import TokenConstraint
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+# A per-row logits edit: (the row's output token ids so far, its logits [V]) -> logits [V].
+# (No MLX import at run time: the scheduler and its tests are pure Python.)
+LogitsProcessor = Callable[[Sequence[int], "mx.array"], "mx.array"]
 
 
 class RequestStatus(enum.Enum):
@@ -28,10 +39,11 @@ class Request:
 
     The scheduling invariant: ``num_computed_tokens`` (tokens whose KV is in the cache) catches
     up with ``num_tokens + num_pending`` (prompt + generated, known or still on the device).
-    Prefill, chunked prefill, a prefix-cache hit and decode all just advance that counter.
+    Prefill, chunked prefill, a prefix-cache hit and decode all just advance that counter; a
+    step that verifies drafts advances it past them and gives back what was rejected.
 
-    ``cache_salt`` enters the hash of every KV block (e.g. a LoRA adapter's digest): requests
-    with different salts never share blocks.
+    ``cache_salt`` enters the hash of every KV block (the adapter's cache key, and any salt the
+    caller adds): requests with different salts never share blocks.
     """
 
     request_id: str
@@ -40,6 +52,10 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
     cache_salt: str | None = None
+    lora: LoRARequest | None = None  # the adapter this request runs with, if any
+    constraint: TokenConstraint | None = None  # which tokens may come next, if constrained
+    logits_processors: tuple[LogitsProcessor, ...] = ()
+    proposer: DraftProposer | None = None  # drafts for speculative steps, if any
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -49,8 +65,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() at first admission
-    lora: AdapterVersion | None = None  # the adapter pinned for this request, if any
-    lora_slot: int = 0  # its device slot while running (0: the base model)
+    lora_slot: int = 0  # its adapter's device slot while running (0: the base model)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
 
     @property
@@ -69,14 +84,31 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether building this request's next step needs every token it sampled so far on
+        the host: penalties count them, a constraint and logits processors follow them, a
+        proposer drafts from them. Its steps then never overlap the next."""
+        p = self.sampling_params
+        penalized = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        return bool(
+            penalized or self.constraint or self.logits_processors or self.proposer is not None
+        )
+
     def append_output_token(self, token: int) -> None:
         self.output_token_ids.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
 
     def check_stop(self) -> RequestStatus | None:
         """The finished status the last generated token causes, if any."""
         params = self.sampling_params
         n = len(self.output_token_ids)
-        if n == 0 or n < params.min_tokens:
+        if n == 0:
+            return None
+        if self.constraint is not None and self.constraint.done:
+            return RequestStatus.FINISHED_STOPPED
+        if n < params.min_tokens:
             return None
         last = self.output_token_ids[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids):
@@ -96,15 +128,22 @@ class EngineRequest:
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None
     arrival_time: float = 0.0
-    lora: AdapterVersion | None = None
+    lora: LoRARequest | None = None
+    constraint: TokenConstraint | None = None
+    logits_processors: tuple[LogitsProcessor, ...] = ()
+    proposer: DraftProposer | None = None
 
     def to_request(self) -> Request:
+        salts = [s for s in (self.lora.key if self.lora else None, self.cache_salt) if s]
         return Request(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_token_ids),
             sampling_params=self.sampling_params,
             eos_token_ids=self.eos_token_ids,
             arrival_time=self.arrival_time,
-            cache_salt=self.cache_salt,
+            cache_salt="+".join(salts) if salts else None,
             lora=self.lora,
+            constraint=self.constraint,
+            logits_processors=tuple(self.logits_processors),
+            proposer=self.proposer,
         )

@@ -6,12 +6,11 @@ serves the engine's batch, where every row brings its own settings in ``Sampling
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from engine.sampling_metadata import SamplingMetadata
+from engine.sampling_metadata import RowMask, SamplingMetadata, SamplingRow
 
 
 def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array | None) -> mx.array:
@@ -87,9 +86,11 @@ class Sampler:
     with a full sort, so the result is exact either way.
     """
 
-    def __init__(self, seed: int | None = None, num_candidates: int = 2048) -> None:
+    def __init__(self, seed: int = 0, num_candidates: int = 2048) -> None:
         assert num_candidates >= 1, num_candidates
-        self._key = mx.random.key(seed if seed is not None else random.getrandbits(63))
+        # A fixed seed, never the process's random state: two engines given the same requests
+        # in the same order draw the same tokens (tensor-parallel ranks rely on it).
+        self._key = mx.random.key(seed)
         self.num_candidates = num_candidates
 
     def __call__(self, logits: mx.array, meta: SamplingMetadata) -> SamplerOutput:
@@ -193,13 +194,16 @@ class Sampler:
 
 
 def adjust_logits(logits: mx.array, meta: SamplingMetadata) -> mx.array:
-    """Logit bias, min_tokens suppression, then penalties: what greedy rows take the argmax of.
+    """Constraint masks, logit bias, min_tokens suppression, penalties, then per-row logits
+    processors: what greedy rows take the argmax of. Each is skipped when no row has it.
 
     Repetition penalty (HF's) on prompt + output tokens: positive logits divided by it,
     negative ones multiplied. Frequency and presence penalties (OpenAI's) on output tokens only:
     minus frequency × count, minus presence once. Edits only the [B, L] penalized cells.
-    logits: [B, V] float32 -> [B, V].
+    logits: [B, V] float32 -> [B, V] (a new array: the caller's logits are left as they are).
     """
+    if meta.allowed is not None:
+        logits = _mask_rows(logits, meta.allowed)
     if meta.logit_bias is not None:
         b = meta.logit_bias
         logits = logits.at[b.rows, b.tokens].add(b.values)
@@ -214,7 +218,31 @@ def adjust_logits(logits: mx.array, meta: SamplingMetadata) -> mx.array:
         seen = seen - pen.frequency[:, None] * pen.output_counts
         seen = seen - pen.presence[:, None] * (pen.output_counts > 0)
         logits = mx.put_along_axis(logits, pen.tokens, seen, axis=-1)
+    if meta.processors:
+        logits = _process_rows(logits, meta.processors)
     return logits
+
+
+def _mask_rows(logits: mx.array, allowed: RowMask) -> mx.array:
+    """-inf outside each constrained row's allowed tokens; other rows untouched. [B, V]."""
+    if len(allowed.rows) == logits.shape[0]:
+        return mx.where(allowed.mask, logits, -mx.inf)
+    keep = mx.ones(logits.shape, dtype=mx.bool_)
+    keep[mx.array(allowed.rows)] = allowed.mask
+    return mx.where(keep, logits, -mx.inf)
+
+
+def _process_rows(logits: mx.array, processors: tuple[tuple[int, SamplingRow], ...]) -> mx.array:
+    """Each listed row through its processors, in order; other rows untouched. [B, V]."""
+    edited = []
+    for i, row in processors:
+        x = logits[i]
+        for process in row.processors:
+            x = process(list(row.output_token_ids), x)
+        edited.append(x)
+    out = logits + 0  # a copy: assigning rows below must not touch the caller's array
+    out[mx.array([i for i, _ in processors])] = mx.stack(edited).astype(logits.dtype)
+    return out
 
 
 def _cutoffs(

@@ -9,12 +9,12 @@ an argmax. Nothing here is [B, V]: bias, stop suppression and penalties are spar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
 
-from engine.request import Request
+from engine.request import LogitsProcessor, Request
 from engine.sampling_params import SamplingParams
 
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing by it overflows float32
@@ -23,13 +23,19 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True, slots=True)
 class SamplingRow:
-    """What the sampler needs of one request: its settings and the tokens it has seen so far."""
+    """What the sampler needs of one request: its settings and the tokens it has seen so far.
+
+    ``allowed`` (bool [V]) restricts the row to a token set (a constraint's mask);
+    ``processors`` edit the row's logits in order. Rows with neither cost nothing extra.
+    """
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: frozenset[int] = frozenset()
     num_unseen: int = 0  # tokens already sampled on the device, not yet in output_token_ids
+    allowed: np.ndarray | None = None
+    processors: tuple[LogitsProcessor, ...] = ()
 
     @property
     def num_output_tokens(self) -> int:
@@ -37,16 +43,43 @@ class SamplingRow:
         return len(self.output_token_ids) + self.num_unseen
 
     @classmethod
-    def from_request(cls, request: Request) -> SamplingRow:
+    def from_request(cls, request: Request, vocab_size: int | None = None) -> SamplingRow:
         """The row of a request being sampled this step: its ``num_pending`` counts this
         step's token too, so the ones before it are unseen."""
+        allowed = None
+        if request.constraint is not None:
+            assert vocab_size is not None, "a constrained row needs the vocabulary size"
+            allowed = np.asarray(request.constraint.allowed(vocab_size), dtype=bool)
+            if allowed.shape != (vocab_size,) or not allowed.any():
+                raise ValueError(
+                    f"request {request.request_id!r}: its constraint allows no token "
+                    f"(mask of shape {allowed.shape}, {int(allowed.sum())} allowed)"
+                )
         return cls(
             request.sampling_params,
             request.prompt_token_ids,
             request.output_token_ids,
             request.eos_token_ids,
             max(request.num_pending - 1, 0),
+            allowed,
+            request.logits_processors,
         )
+
+    @classmethod
+    def positions(
+        cls, request: Request, drafts: Sequence[int], vocab_size: int
+    ) -> list[SamplingRow]:
+        """The rows a request samples in one step: after its newest token, then after each
+        draft, each seeing the drafts before it as outputs (penalties, min_tokens and seeds
+        follow them exactly as one-token steps would)."""
+        row = cls.from_request(request, vocab_size)
+        if not drafts:
+            return [row]
+        outputs = list(request.output_token_ids)
+        return [
+            replace(row, output_token_ids=outputs + list(drafts[:i]))
+            for i in range(len(drafts) + 1)
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +89,21 @@ class SparseEdit:
     rows: mx.array  # [N] int32
     tokens: mx.array  # [N] int32
     values: mx.array | None = None  # [N] float32
+
+
+@dataclass(frozen=True, slots=True)
+class RowMask:
+    """The constrained rows of a batch and the tokens each may sample."""
+
+    rows: tuple[int, ...]
+    mask: mx.array  # [M, V] bool, True where allowed
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow]) -> RowMask | None:
+        masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+        if not masked:
+            return None
+        return cls(tuple(masked), mx.array(np.stack([rows[i].allowed for i in masked])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +199,8 @@ class SamplingMetadata:
     seeded_rows: tuple[int, ...]
     seed_keys: tuple[int, ...]  # one per seeded row
     num_logprobs: tuple[int | None, ...]  # [B]; None: the row wants none
+    allowed: RowMask | None = None  # constrained rows: every other token is masked out
+    processors: tuple[tuple[int, SamplingRow], ...] = ()  # (row, its settings) with processors
 
     @property
     def batch_size(self) -> int:
@@ -158,7 +208,9 @@ class SamplingMetadata:
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request], vocab_size: int) -> SamplingMetadata:
-        return cls.from_rows([SamplingRow.from_request(r) for r in requests], vocab_size)
+        return cls.from_rows(
+            [SamplingRow.from_request(r, vocab_size) for r in requests], vocab_size
+        )
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int) -> SamplingMetadata:
@@ -199,6 +251,8 @@ class SamplingMetadata:
             seeded_rows=tuple(seeded),
             seed_keys=tuple(seed_key(params[i].seed, rows[i].num_output_tokens) for i in seeded),
             num_logprobs=tuple(p.logprobs for p in params),
+            allowed=RowMask.from_rows(rows),
+            processors=tuple((i, r) for i, r in enumerate(rows) if r.processors),
         )
 
 

@@ -2,42 +2,56 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
 
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
-from engine.outputs import ModelRunnerOutput, RequestOutput
+from engine.lora.slot_table import SlotLoad, SlotTable
+from engine.outputs import ModelRunnerOutput, RequestOutput, request_output
 from engine.request import Request, RequestStatus
 
 
-class AdapterSlotPolicy(Protocol):
-    """Device slots for LoRA adapters: a request runs only while it holds its adapter's slot."""
+class StepPhase(enum.Enum):
+    """What a scheduled request's tokens are, which decides how the runner attends them."""
 
-    def acquire(self, request: Request) -> bool: ...
-
-    def release(self, request: Request) -> None: ...
+    PREFILL = "prefill"  # prompt tokens (or tokens recomputed after preemption)
+    DECODE = "decode"  # its newest generated token, alone: one query against its cached context
+    VERIFY = "verify"  # its newest generated token and drafts after it, sampled at each
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     """``request`` computes tokens ``start .. start + num_tokens - 1`` this step into the
-    blocks of ``block_ids``; ``samples`` when that reaches the end of what it has (known tokens
-    and tokens still pending on the device)."""
+    blocks of ``block_ids``; ``samples`` when that reaches the end of what it has (known tokens,
+    tokens still pending on the device, and ``draft_token_ids``, which are the last of them)."""
 
     request: Request
     start: int
     num_tokens: int
     block_ids: tuple[int, ...]
     samples: bool
+    phase: StepPhase = StepPhase.PREFILL
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_sampled(self) -> int:
+        """Positions this step samples for the request: its last token and each draft."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
+    """One step's decision. ``sync``: the next step needs this one's sampled tokens on the host
+    before it can be built (penalties, constraints, drafts), so the two must not overlap.
+    ``lora_loads``: adapter weights the runner writes before the step runs."""
+
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...] = ()
+    lora_loads: tuple[SlotLoad, ...] = ()
+    sync: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -56,15 +70,16 @@ class Scheduler:
     """Continuous batching with a token budget per step.
 
     The idea: each request's ``num_computed_tokens`` catches up with its ``num_tokens``. A step
-    gives running requests their missing tokens first (one for a decode, a chunk for a prefill
-    in progress), then admits waiting requests while budget, sequence slots and blocks last.
-    Prefill, chunked prefill, prefix-cache hits and decode are all the same counter. When blocks
-    run out, the most recently admitted running request is preempted: its blocks are freed and
-    it waits again, to be recomputed (prefix caching usually finds most of it).
+    gives running requests their missing tokens first (one for a decode, plus any drafts to
+    verify; a chunk for a prefill in progress), then admits waiting requests while budget,
+    sequence slots, adapter slots and blocks last. Prefill, chunked prefill, prefix-cache hits,
+    decode and verification are all the same counter. When blocks run out, the most recently
+    admitted running request is preempted: its blocks are freed and it waits again, to be
+    recomputed (prefix caching usually finds most of it).
     """
 
     def __init__(
-        self, config: EngineConfig, kv: KVCacheManager, slots: AdapterSlotPolicy | None = None
+        self, config: EngineConfig, kv: KVCacheManager, slots: SlotTable | None = None
     ) -> None:
         self.config = config
         self.kv = kv
@@ -80,17 +95,15 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> Request | None:
         """Stop a request now and free its blocks; None if it is unknown or already done."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
-        request.status = RequestStatus.FINISHED_ABORTED
-        self._free(request)
-        self._update_stats()
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
         return request
+
+    def fail_request(self, request_id: str) -> Request | None:
+        """Drop a request whose step failed on its own input; its blocks are freed."""
+        return self.abort_request(request_id)
 
     @property
     def has_work(self) -> bool:
@@ -109,7 +122,10 @@ class Scheduler:
             n = self._chunk(request, budget)
             if n == 0:
                 continue  # its last token is still on the device and will end it
-            while self.kv.allocate_slots(request, n) is None:
+            drafts = self._drafts(request, budget - n) if n == 1 else []
+            if drafts and self.kv.allocate_slots(request, n + len(drafts)) is None:
+                drafts = []  # no room to verify them: decode alone rather than preempt
+            while not drafts and self.kv.allocate_slots(request, n) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -117,20 +133,21 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue
-            scheduled.append(self._take(request, n))
-            budget -= n
+            scheduled.append(self._take(request, n, drafts))
+            budget -= n + len(drafts)
 
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            if self.slots is not None and not self.slots.acquire(request):
+            slot = self.slots.acquire(request.lora) if self.slots is not None else 0
+            if slot is None:
                 break  # every adapter slot is pinned by running requests
+            request.lora_slot = slot
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget, self.config.long_prefill_chunk)
             if self.kv.allocate_slots(request, n, hit_blocks) is None:
-                if self.slots is not None:
-                    self.slots.release(request)
+                self._release_slot(request)
                 break
             self.waiting.popleft()
             if request.first_scheduled_time is None:
@@ -139,49 +156,47 @@ class Scheduler:
             request.num_computed_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(self._take(request, n))
+            scheduled.append(self._take(request, n, []))
             budget -= n
 
         self._update_stats()
-        return SchedulerOutput(scheduled=tuple(scheduled), preempted=tuple(preempted))
+        sync = not self.config.pipelined or any(
+            s.samples and s.request.needs_host_tokens for s in scheduled
+        )
+        loads = self.slots.take_loads() if self.slots is not None else ()
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), loads, sync)
 
     def update_from_output(
         self, output: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[RequestOutput]:
-        """Record sampled tokens, finish requests that stop, free their blocks."""
+        """Record sampled tokens (keeping verified drafts), finish requests that stop, free
+        their blocks."""
         outputs = []
         for item in output.scheduled:
             request = item.request
-            token = result.sampled.get(request.request_id)
-            if token is None or request.status != RequestStatus.RUNNING:
-                continue  # finished, aborted or preempted since: the token is dropped
+            sampled = result.sampled.get(request.request_id)
+            if sampled is None or request.status != RequestStatus.RUNNING:
+                continue  # finished, aborted or preempted since: the tokens are dropped
             request.num_pending -= 1
-            request.append_output_token(token)
-            status = request.check_stop()
-            logprob = result.logprobs.get(request.request_id)
+            accepted = _accepted(sampled, item.draft_token_ids)
+            # The KV of rejected drafts stays in the blocks, to be overwritten.
+            request.num_computed_tokens -= len(item.draft_token_ids) - (len(accepted) - 1)
+            new: list[int] = []
+            status = None
+            for token in accepted:
+                request.append_output_token(token)
+                new.append(token)
+                if (status := request.check_stop()) is not None:
+                    break
             if status is not None:
                 self._finish(request, status)
+            first = request.num_output_tokens == len(new)
+            logprobs = result.logprobs.get(request.request_id, [])[: len(new)]
             outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    new_token_ids=(token,),
-                    finished=status is not None,
-                    finish_reason=status.value if status else None,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_cached_tokens=request.num_cached_tokens,
-                    num_output_tokens=request.num_output_tokens,
-                    logprobs=(logprob,) if logprob else (),
-                    queued_s=_queued(request) if request.num_output_tokens == 1 else None,
-                )
+                request_output(request, new, logprobs, queued_s=_queued(request) if first else None)
             )
         self._update_stats()
         return outputs
-
-    def fail_request(self, request_id: str) -> None:
-        """Drop a request whose step failed on its own input; its blocks are freed."""
-        request = self.requests.get(request_id)
-        if request is not None:
-            self._finish(request, RequestStatus.FINISHED_ABORTED)
 
     def _chunk(self, request: Request, budget: int) -> int:
         """Tokens to compute for a running request this step: 0 when the tokens it will ever
@@ -192,17 +207,34 @@ class Scheduler:
         missing = request.num_tokens + request.num_pending - request.num_computed_tokens
         return min(missing, budget, self.config.long_prefill_chunk)
 
-    def _take(self, request: Request, n: int) -> ScheduledRequest:
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Drafts to verify after a decode's token, from the request's proposer: none while a
+        token is pending on the device, under a constraint, or past what it may still make."""
+        if request.proposer is None or request.num_pending or request.constraint is not None:
+            return []
+        room = request.sampling_params.max_tokens - request.num_output_tokens - 1
+        limit = min(budget, room, self.config.long_prefill_chunk - 1)
+        return list(request.proposer.propose(request.all_token_ids, limit))[: max(limit, 0)]
+
+    def _take(self, request: Request, n: int, drafts: list[int]) -> ScheduledRequest:
         start = request.num_computed_tokens
         samples = start + n == request.num_tokens + request.num_pending
+        if drafts:
+            phase = StepPhase.VERIFY
+        elif n == 1 and start >= request.num_prompt_tokens:
+            phase = StepPhase.DECODE
+        else:
+            phase = StepPhase.PREFILL
         item = ScheduledRequest(
             request=request,
             start=start,
-            num_tokens=n,
+            num_tokens=n + len(drafts),
             block_ids=tuple(self.kv.get_block_ids(request.request_id)),
             samples=samples,
+            phase=phase,
+            draft_token_ids=tuple(drafts),
         )
-        request.num_computed_tokens += n
+        request.num_computed_tokens += n + len(drafts)
         if samples:
             request.num_pending += 1
         return item
@@ -225,17 +257,33 @@ class Scheduler:
         request.status = status
         self._free(request)
         self.requests.pop(request.request_id, None)
+        self._update_stats()
 
     def _free(self, request: Request) -> None:
         """Give back everything a request holds: its KV blocks and its adapter slot."""
         self.kv.free(request)
+        self._release_slot(request)
+
+    def _release_slot(self, request: Request) -> None:
         if self.slots is not None:
-            self.slots.release(request)
+            self.slots.release(request.lora_slot)
+        request.lora_slot = 0
 
     def _update_stats(self) -> None:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_usage = self.kv.usage
+
+
+def _accepted(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:
+    """The tokens a step yields: sampled[0], then sampled[i] for as long as draft i matched
+    the token sampled before it."""
+    accepted = [sampled[0]]
+    for i, draft in enumerate(drafts):
+        if draft != sampled[i]:
+            break
+        accepted.append(sampled[i + 1])
+    return accepted
 
 
 def _queued(request: Request) -> float | None:

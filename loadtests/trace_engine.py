@@ -16,6 +16,7 @@ prints the time the run's steps would take back to back, against the time they t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -179,7 +180,8 @@ def device_step_times(
             times.append(time.perf_counter() - start)
         return times
 
-    core.pipelined = False
+    pipelined = core.scheduler.config
+    core.scheduler.config = dataclasses.replace(pipelined, pipelined=False)
     add(batch, context)
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in core.scheduler.running) or (
         core.scheduler.waiting
@@ -197,7 +199,7 @@ def device_step_times(
         add(budget // chunk, chunk)
     for r in list(core.scheduler.running) + list(core.scheduler.waiting):
         core.abort_request(r.request_id)
-    core.pipelined = core.config.pipelined
+    core.scheduler.config = pipelined
     return {"decode_step_s": decode, "prefill_step_s": float(np.median(prefill))}
 
 

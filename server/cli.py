@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import re
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,7 +165,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # Built before loading so bad settings fail at once; the stop tokens come from the model.
     settings = GenerationSettings(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed if args.seed is not None else secrets.randbits(63),
     )
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer

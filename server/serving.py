@@ -4,17 +4,18 @@ sampling parameters, run the choices, and turn token outputs back into text even
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from adapters.lora_request import lora_request
 from adapters.registry import AdapterRegistry
 from adapters.types import AdapterVersion
 from engine.async_engine import AsyncEngine
 from engine.chat_template import ChatTemplateError
 from engine.loader.build import LoadedModel
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
@@ -29,13 +30,14 @@ from server.text_stream import TextStream
 class ServedModel:
     """What a request's ``model`` names: the base model, or a pinned adapter version on it.
 
-    ``cache_salt`` (the adapter's weights and config digests) keeps its KV blocks apart from
-    every other adapter's, and shared with the same adapter under any name.
+    ``lora`` carries the adapter's cache key (its weights and config digests), which keeps its
+    KV blocks and device slot apart from every other adapter's, and shared with the same
+    adapter under any name.
     """
 
     name: str
     adapter: AdapterVersion | None = None
-    cache_salt: str | None = None
+    lora: LoRARequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,10 @@ class OpenAIServing:
         served_name: str,
         generation_defaults: dict | None = None,
         registry: AdapterRegistry | None = None,
+        max_lora_rank: int = 0,
     ) -> None:
         self.registry = registry
-        self._salts: dict[tuple[str, int], str] = {}
+        self.max_lora_rank = max_lora_rank
         self.engine = engine
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -104,7 +107,8 @@ class OpenAIServing:
             raise NotFound(
                 f"the model {name!r} does not exist", param="model", code="model_not_found"
             )
-        return ServedModel(name, adapter=version, cache_salt=self._salt(version))
+        lora = lora_request(version, self.loaded.config, self.max_lora_rank)
+        return ServedModel(name, adapter=version, lora=lora)
 
     def check_model(self, name: str | None) -> None:
         """404 unless ``name`` is the base model or a registered adapter (pins nothing)."""
@@ -118,13 +122,6 @@ class OpenAIServing:
     def release(self, served: ServedModel) -> None:
         if served.adapter is not None and self.registry is not None:
             self.registry.unpin(served.adapter)
-
-    def _salt(self, version: AdapterVersion) -> str:
-        key = (version.name, version.version)
-        if key not in self._salts:
-            config = hashlib.sha256(version.config_path.read_bytes()).hexdigest()
-            self._salts[key] = f"{version.digest}+{config}"
-        return self._salts[key]
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -274,9 +271,8 @@ class OpenAIServing:
             prompt_token_ids=prepared.prompt_ids,
             sampling_params=params,
             eos_token_ids=self.eos_ids,
-            cache_salt=prepared.served.cache_salt,
             arrival_time=time.monotonic(),
-            lora=prepared.served.adapter,
+            lora=prepared.served.lora,
         )
         model = prepared.served.name
         series = self.metrics.series(model)

@@ -49,17 +49,16 @@ class ServerState:
     def snapshot(self) -> EngineSnapshot:
         if self.engine is None:
             return EngineSnapshot(0, 0, 0.0, 0, 0, 0, 0, 0)
-        core = self.engine.core
-        stats, prefix = core.scheduler.stats, core.kv.prefix_cache_stats
+        stats = self.engine.stats  # a frozen snapshot the engine thread published
         return EngineSnapshot(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
             kv_usage=stats.kv_usage,
-            prefix_queries=prefix.queries,
-            prefix_hits=prefix.hits,
+            prefix_queries=stats.prefix_cache_queries,
+            prefix_hits=stats.prefix_cache_hits,
             preemptions=stats.num_preemptions,
-            adapters_loaded=core.slots.resident if core.slots else 0,
-            adapter_swaps=core.slots.loads if core.slots else 0,
+            adapters_loaded=stats.adapters_loaded,
+            adapter_swaps=stats.adapter_loads,
         )
 
     def start(self, loaded: LoadedModel | None = None) -> None:
@@ -91,6 +90,7 @@ class ServerState:
             served_name=s.served_model_name or loaded.name,
             generation_defaults=loaded.generation_defaults,
             registry=self.registry,
+            max_lora_rank=s.max_lora_rank,
         )
         if self.registry is not None:
             self.adapters = AdapterService(

@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.config import ModelConfig
-from engine.models.attention import gather_kv, prefill_attention, shape_bucket
-from metal_kernels.paged_attention import paged_decode_attention
+from engine.models.attention import prefill_attention, shape_bucket
+from metal_kernels.paged_attention import gather_kv, paged_decode_attention
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,14 @@ from metal_kernels.paged_attention.dispatch import (
     get_dispatcher,
     paged_decode_attention,
 )
+from metal_kernels.paged_attention.reference import gather_kv
 from metal_kernels.paged_attention.reference import (
     paged_decode_attention as reference_paged_decode_attention,
 )
 
 __all__ = [
     "PagedAttentionDispatcher",
+    "gather_kv",
     "get_dispatcher",
     "paged_decode_attention",
     "reference_paged_decode_attention",

@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import mlx.core as mx
 import numpy as np
 
-from engine.models.attention import gather_kv
 from metal_kernels.paged_attention import reference
 from metal_kernels.paged_attention.dispatch import (
     TOLERANCE,
@@ -184,7 +183,10 @@ def time_batch(kernel, B: int, ctx: int, dtype=mx.float16, splits=()) -> dict:
     sets = []
     for _ in range(copies):
         k_pool, v_pool = (mx.random.normal(shape).astype(dtype) for _ in range(2))
-        k_cont, v_cont = gather_kv(k_pool, tables, bs), gather_kv(v_pool, tables, bs)
+        k_cont, v_cont = (
+            reference.gather_kv(k_pool, tables, bs),
+            reference.gather_kv(v_pool, tables, bs),
+        )
         mx.eval(k_pool, v_pool, k_cont, v_cont)  # k_cont, v_cont: [B, Hkv, L, D]
         sets.append((k_pool, v_pool, k_cont, v_cont))
     turn = itertools.count()

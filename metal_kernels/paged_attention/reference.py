@@ -1,9 +1,8 @@
 """The plain-MLX reference for paged decode attention, and random cases to check kernels with.
 
-The reference *is* the engine's gather path (``engine.models.attention.paged_decode_attention``):
-one source of truth for what the kernels must compute. This module only adds the one thing the
-engine never needs but a kernel contract must define: a sequence of length 0 attends to nothing,
-and its output is zeros (the gather path would average the padding instead).
+The reference gathers each sequence's blocks out of the pool and runs fused attention under a
+mask: what the kernels must compute, and what the engine runs where no kernel applies (the CPU).
+A sequence of length 0 attends to nothing, and its output is zeros.
 """
 
 from __future__ import annotations
@@ -13,7 +12,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from engine.models.attention import paged_decode_attention as _gather_paged_decode_attention
+
+def gather_kv(pool: mx.array, block_table: mx.array, block_size: int) -> mx.array:
+    """The keys (or values) of the blocks in ``block_table``, in order.
+
+    pool: [num_blocks * block_size, Hkv, D]; block_table: [B, n] -> [B, Hkv, n * block_size, D].
+    """
+    num_slots, heads, dim = pool.shape
+    blocks = pool.reshape(num_slots // block_size, block_size, heads, dim)[block_table]
+    B, n = block_table.shape
+    return blocks.reshape(B, n * block_size, heads, dim).transpose(0, 2, 1, 3)
 
 
 def paged_decode_attention(
@@ -27,21 +35,23 @@ def paged_decode_attention(
     window: int | None,
     scale: float,
 ) -> mx.array:
-    """The engine's gather-and-mask attention, with rows of length-0 sequences set to zero.
+    """One new query per sequence against its cached context, read through its block table:
+    gather each sequence's blocks, mask what lies past its length (or outside the window), fused
+    attention; rows of length-0 sequences are zero.
 
     q: [B, H, 1, D]; k_pool, v_pool: [num_blocks * block_size, Hkv, D]; block_tables: [B, n]
-    int32; seq_lens: [B] int32 -> [B, H, 1, D] in q's dtype.
+    int32, padded with the null block 0; seq_lens: [B] int32 context lengths including the new
+    token -> [B, H, 1, D] in q's dtype.
     """
-    out = _gather_paged_decode_attention(
-        q,
-        k_pool,
-        v_pool,
-        block_tables,
-        seq_lens,
-        block_size=block_size,
-        window=window,
-        scale=scale,
-    )
+    keys = gather_kv(k_pool, block_tables, block_size)
+    values = gather_kv(v_pool, block_tables, block_size)
+    k_pos = mx.arange(keys.shape[2])[None, :]  # [1, L]
+    lens = seq_lens[:, None]  # [B, 1]
+    visible = k_pos < lens
+    if window is not None:
+        visible = visible & (k_pos >= lens - window)
+    mask = visible[:, None, None, :]  # [B, 1, 1, L]
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     empty = (seq_lens <= 0)[:, None, None, None]  # [B, 1, 1, 1]
     return mx.where(empty, mx.zeros_like(out), out)
 

@@ -203,7 +203,7 @@ def test_overlapped_steps_equal_sequential_steps(model):
         ]
 
     overlapped_core = make_core(model)
-    assert overlapped_core.pipelined
+    assert overlapped_core.config.pipelined
     overlapped, _ = run(overlapped_core, reqs())
     sequential, _ = run(make_core(model, pipelined=False), reqs())
     assert overlapped == sequential

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from adapters.lora_request import lora_request
 from adapters.types import AdapterVersion
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
@@ -53,16 +54,17 @@ def make_adapter(base_folder: Path, out: Path, seed: int, **lora_kwargs) -> Adap
                 p.copy_(0.3 * torch.randn_like(p))
     peft_model.save_pretrained(out)
     weights = out / "adapter_model.safetensors"
-    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    config_path = out / "adapter_config.json"
     return AdapterVersion(
         name=out.name,
         version=1,
-        digest=digest,
+        digest="sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest(),
+        config_digest="sha256:" + hashlib.sha256(config_path.read_bytes()).hexdigest(),
         rank=lora_kwargs["r"],
         target_modules=tuple(lora_kwargs["target_modules"]),
         created=time.time(),
         weights_path=weights,
-        config_path=out / "adapter_config.json",
+        config_path=config_path,
     )
 
 
@@ -93,17 +95,14 @@ def setup(request, tmp_path_factory):
     return base, versions, prompt, expected
 
 
-def engine_requests(versions, prompt, names, copies=1):
+def engine_requests(versions, prompt, names, config, copies=1):
     params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
     reqs = []
     for c in range(copies):
         for name in names:
             v = versions.get(name)
-            reqs.append(
-                EngineRequest(
-                    f"{name}#{c}", prompt, params, lora=v, cache_salt=v.digest if v else None
-                )
-            )
+            lora = lora_request(v, config, max_rank=8) if v else None
+            reqs.append(EngineRequest(f"{name}#{c}", prompt, params, lora=lora))
     return reqs
 
 
@@ -123,14 +122,15 @@ def test_mixed_batch_equals_peft(setup, max_loras):
         mx.float32,
     )
     names = ["base", *ADAPTERS]
-    tokens, _ = run(core, engine_requests(versions, prompt, names, copies=2))
+    tokens, _ = run(core, engine_requests(versions, prompt, names, model.config, copies=2))
     for rid, got in tokens.items():
         assert got == expected[rid.split("#")[0]], rid
-    assert core.slots.resident <= max_loras
-    assert all(r == 0 for r in core.slots.refs)
+    slots = core.scheduler.slots
+    assert slots.resident <= max_loras and core.stats.adapters_loaded == slots.resident
+    assert all(r == 0 for r in slots.refs)
     assert core.kv.num_free_blocks == core.num_blocks - 1
     if max_loras == 1:
-        assert core.slots.loads > 1  # slots were reused across adapters
+        assert core.stats.adapter_loads > 1  # slots were reused across adapters
 
 
 def test_adapter_digest_keeps_kv_blocks_apart(setup):
@@ -140,9 +140,9 @@ def test_adapter_digest_keeps_kv_blocks_apart(setup):
         model, EngineConfig(num_blocks=256, block_size=4, max_loras=2, max_lora_rank=8), mx.float32
     )
     long_prompt = prompt * 3
-    run(core, engine_requests(versions, long_prompt, ["base"]))
+    run(core, engine_requests(versions, long_prompt, ["base"], model.config))
     hits = core.kv.prefix_cache_stats.hits
-    run(core, engine_requests(versions, long_prompt, ["attn-r4"]))
+    run(core, engine_requests(versions, long_prompt, ["attn-r4"], model.config))
     assert core.kv.prefix_cache_stats.hits == hits  # no sharing across adapters
-    run(core, engine_requests(versions, long_prompt, ["attn-r4"]))
+    run(core, engine_requests(versions, long_prompt, ["attn-r4"], model.config))
     assert core.kv.prefix_cache_stats.hits > hits  # the same adapter shares its own blocks

@@ -155,7 +155,7 @@ def test_mixed_adapters_share_a_batch_and_each_equals_its_reference(server, worl
         assert text_of(r) == expected[name], name
     metrics = c.get("/metrics").text
     assert 'candlewick_generation_tokens_total{model="mlp"}' in metrics
-    assert state.engine.core.slots.resident <= 2
+    assert state.engine.stats.adapters_loaded <= 2
 
 
 def test_hot_swap_and_delete_while_streaming(server, world):

@@ -1,0 +1,1 @@
+"""Constrained decoding: grammar matchers behind one per-row token-mask interface."""
