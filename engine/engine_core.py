@@ -78,11 +78,14 @@ class EngineCore:
         """Schedule the next step and submit it, then read back the step before it while the
         device computes this one. A running request's newest token is fed to the next step
         straight from the device, before the host has seen it; a request that stops on that
-        token wastes one step's work on it. A step whose tokens the next one needs on the host
-        (the scheduler says ``sync``) is read back at once instead."""
+        token wastes one step's work on it. Rows that need the host's tokens to be sampled
+        (penalties, constraints) are sampled once the step before is read back. A step whose
+        tokens the next one needs on the host to be scheduled (the scheduler says ``sync``) is
+        read back at once instead."""
         scheduled = self.scheduler.schedule()
         submitted = self._submit(scheduled)
         outputs = self._collect(self._in_flight)
+        self._sample_late(submitted)
         self._in_flight = submitted
         if scheduled.sync:
             outputs += self._collect(self._in_flight)
@@ -100,7 +103,17 @@ class EngineCore:
             log.exception("engine step failed")
             self._fail([item.request.request_id for item in scheduled.scheduled], e)
             return None
-        return _InFlight(scheduled, submitted) if submitted.sampled is not None else None
+        return _InFlight(scheduled, submitted) if submitted.samples else None
+
+    def _sample_late(self, in_flight: _InFlight | None) -> None:
+        """Sample the submitted step's rows that waited for the host's tokens."""
+        if in_flight is None:
+            return
+        try:
+            self.runner.sample_late(in_flight.submitted)
+        except Exception as e:
+            log.exception("engine step failed")
+            self._fail([item.request.request_id for item in in_flight.scheduled.scheduled], e)
 
     def _collect(self, in_flight: _InFlight | None) -> list[RequestOutput]:
         """Wait for a submitted step's tokens and hand them to the scheduler."""

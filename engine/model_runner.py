@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -12,6 +12,7 @@ from engine.lora.slot_table import SlotLoad
 from engine.models.base import CausalLM
 from engine.models.paged import AttentionMetadata, PagedKVStore, PrefillSegment
 from engine.outputs import ModelRunnerOutput, TokenLogprob
+from engine.request import Request
 from engine.sampler import SampledArrays, Sampler
 from engine.sampling_metadata import SamplingMetadata, SamplingRow
 from engine.scheduler import ScheduledRequest, SchedulerOutput, StepPhase
@@ -30,18 +31,40 @@ class ModelInput:
     attention: AttentionMetadata
     logits_indices: mx.array  # [R] int32
     sampling: tuple[ScheduledRequest, ...]
-    sampling_rows: tuple[SamplingRow, ...]  # [R]
+    sampling_rows: tuple[SamplingRow | None, ...]  # [R]; None: sampled late
+    late_requests: tuple[Request, ...]  # the requests of the None rows, in order
     token_slots: list[int]  # [T] each token's adapter slot (0: the base model)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class SampledPart:
+    """Some of a step's sampled rows (``rows``: their indices among all R), queued on the
+    device."""
+
+    rows: tuple[int, ...]
+    arrays: SampledArrays
+
+
+@dataclass(slots=True)
 class InFlightStep:
     """A submitted step: which requests sample (and at how many positions each), and their
-    tokens still on the device."""
+    tokens, still on the device.
 
-    ids: tuple[str, ...]
-    sampled: SampledArrays | None
+    Rows whose sampling needs every earlier token on the host (penalties, constraints, logits
+    processors) are sampled late: their logits are computed with the step, and ``sample_late``
+    samples them once the step before has been read back, while the device runs this one.
+    """
+
+    ids: tuple[str, ...] = ()
     counts: tuple[int, ...] = ()  # positions sampled per request of ``ids``
+    parts: list[SampledPart] = field(default_factory=list)
+    late_rows: tuple[int, ...] = ()
+    late_requests: tuple[Request, ...] = ()
+    late_logits: mx.array | None = None  # [L, V], sampled by ``sample_late``
+
+    @property
+    def samples(self) -> bool:
+        return bool(self.ids)
 
 
 class ModelRunner:
@@ -63,13 +86,15 @@ class ModelRunner:
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its tokens."""
-        return self.collect(self.submit(output))
+        step = self.submit(output)
+        self.sample_late(step)
+        return self.collect(step)
 
     def submit(self, output: SchedulerOutput) -> InFlightStep:
         """Queue one step on the device and return at once: the caller prepares the next step
-        while this one computes, and ``collect``s it afterwards."""
+        while this one computes, and ``collect``s it afterwards (after ``sample_late``)."""
         if not output.scheduled:
-            return InFlightStep(ids=(), sampled=None)
+            return InFlightStep()
         inputs = self.prepare_inputs(output)
         if self.lora is not None:
             self.lora.set_step(inputs.token_slots)
@@ -77,20 +102,51 @@ class ModelRunner:
         hidden = self.model.hidden(inputs.token_ids[None], caches)[0]  # [T, hidden]
         if not inputs.sampling:
             mx.async_eval(self.store.state)
-            return InFlightStep(ids=(), sampled=None)
+            return InFlightStep()
         logits = self.model.logits(hidden[inputs.logits_indices])  # [R, vocab]
-        meta = SamplingMetadata.from_rows(inputs.sampling_rows, logits.shape[-1])
-        sampled = self.sampler.submit(logits, meta)
+        step = InFlightStep(
+            ids=tuple(item.request.request_id for item in inputs.sampling),
+            counts=tuple(item.num_sampled for item in inputs.sampling),
+        )
+        early = [i for i, row in enumerate(inputs.sampling_rows) if row is not None]
+        late = [i for i, row in enumerate(inputs.sampling_rows) if row is None]
+        self._device_tokens = {}
+        if early:
+            rows = [inputs.sampling_rows[i] for i in early]
+            part_logits = logits if len(early) == logits.shape[0] else logits[mx.array(early)]
+            meta = SamplingMetadata.from_rows(rows, logits.shape[-1])
+            part = SampledPart(tuple(early), self.sampler.submit(part_logits, meta))
+            step.parts.append(part)
+            self._expose(step, part)
+        if late:
+            step.late_rows = tuple(late)
+            step.late_requests = tuple(inputs.late_requests)
+            step.late_logits = logits[mx.array(late)]
+            mx.async_eval(step.late_logits)
         mx.async_eval(self.store.state)
-        ids = tuple(item.request.request_id for item in inputs.sampling)
-        counts = tuple(item.num_sampled for item in inputs.sampling)
-        # The next step may consume these tokens before anyone reads them (a request's last
-        # sampled position is its newest token).
-        ends = np.cumsum(counts) - 1
-        self._device_tokens = {
-            rid: (sampled.tokens, int(end)) for rid, end in zip(ids, ends, strict=True)
-        }
-        return InFlightStep(ids=ids, sampled=sampled, counts=counts)
+        return step
+
+    def sample_late(self, step: InFlightStep) -> None:
+        """Sample the rows that needed the host to catch up (call once the step before this
+        one has been read back); the device is still computing this step meanwhile."""
+        if step.late_logits is None:
+            return
+        vocab = step.late_logits.shape[-1]
+        rows = [SamplingRow.from_request(r, vocab) for r in step.late_requests]
+        meta = SamplingMetadata.from_rows(rows, vocab)
+        part = SampledPart(step.late_rows, self.sampler.submit(step.late_logits, meta))
+        step.late_logits = None
+        step.parts.append(part)
+        self._expose(step, part)
+
+    def _expose(self, step: InFlightStep, part: SampledPart) -> None:
+        """The next step may consume these tokens before anyone reads them: each request's
+        last sampled position is its newest token."""
+        ends = np.cumsum(step.counts) - 1
+        last_row = {int(end): rid for rid, end in zip(step.ids, ends, strict=True)}
+        for j, row in enumerate(part.rows):
+            if row in last_row:
+                self._device_tokens[last_row[row]] = (part.arrays.tokens, j)
 
     def load_adapter(self, load: SlotLoad) -> None:
         """Write an adapter's weights into its device slot (before the step that uses it)."""
@@ -99,15 +155,23 @@ class ModelRunner:
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """The sampled tokens of a submitted step (waits for the device)."""
-        if step.sampled is None:
+        if not step.samples:
             return ModelRunnerOutput()
-        result = self.sampler.resolve(step.sampled)
+        self.sample_late(step)
+        num_rows = sum(step.counts)
+        token_ids: list[int] = [0] * num_rows
+        row_logprobs: list = [None] * num_rows
+        for part in step.parts:
+            result = self.sampler.resolve(part.arrays)
+            for j, row in enumerate(part.rows):
+                token_ids[row] = result.token_ids[j]
+                row_logprobs[row] = result.logprobs[j]
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
         row = 0
         for rid, count in zip(step.ids, step.counts, strict=True):
-            sampled[rid] = result.token_ids[row : row + count]
-            lps = [lp for lp in result.logprobs[row : row + count] if lp is not None]
+            sampled[rid] = token_ids[row : row + count]
+            lps = [lp for lp in row_logprobs[row : row + count] if lp is not None]
             if lps:
                 logprobs[rid] = [
                     TokenLogprob(
@@ -129,7 +193,8 @@ class ModelRunner:
         slots: list[np.ndarray] = []
         segments: list[PrefillSegment] = []
         sampling: list[ScheduledRequest] = []
-        sampling_rows: list[SamplingRow] = []
+        sampling_rows: list[SamplingRow | None] = []
+        late_requests: list[Request] = []
         logits_indices: list[int] = []
         vocab = self.model.config.vocab_size
         token_slots: list[int] = []
@@ -167,7 +232,11 @@ class ModelRunner:
                 sampling.append(item)
                 first = len(tokens) - 1 - len(drafts)
                 logits_indices.extend(range(first, len(tokens)))
-                sampling_rows.extend(SamplingRow.positions(item.request, drafts, vocab))
+                if item.request.needs_host_tokens and not drafts:
+                    sampling_rows.append(None)
+                    late_requests.append(item.request)
+                else:
+                    sampling_rows.extend(SamplingRow.positions(item.request, drafts, vocab))
         decode_tables = decode_lens = None
         if decodes:
             width = max(-(-(d.start + 1) // bs) for d in decodes)
@@ -187,16 +256,20 @@ class ModelRunner:
             block_size=bs,
         )
         token_ids = mx.array(tokens, dtype=mx.int32)
-        if unseen_at:
-            source = unseen_src[0][0]
-            assert all(src is source for src, _ in unseen_src), "unseen tokens from one step"
-            rows = mx.array([row for _, row in unseen_src], dtype=mx.int32)
-            token_ids[mx.array(unseen_at, dtype=mx.int32)] = source[rows].astype(mx.int32)
+        sources: dict[int, tuple[mx.array, list[int], list[int]]] = {}
+        for at, (src, row) in zip(unseen_at, unseen_src, strict=True):
+            _, ats, rows = sources.setdefault(id(src), (src, [], []))
+            ats.append(at)
+            rows.append(row)
+        for src, ats, rows in sources.values():  # early- and late-sampled rows of one step
+            picked = src[mx.array(rows, dtype=mx.int32)].astype(mx.int32)
+            token_ids[mx.array(ats, dtype=mx.int32)] = picked
         return ModelInput(
             token_ids=token_ids,
             attention=attention,
             logits_indices=mx.array(logits_indices, dtype=mx.int32),
             sampling=tuple(sampling),
             sampling_rows=tuple(sampling_rows),
+            late_requests=tuple(late_requests),
             token_slots=token_slots,
         )

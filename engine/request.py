@@ -86,14 +86,12 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Whether building this request's next step needs every token it sampled so far on
-        the host: penalties count them, a constraint and logits processors follow them, a
-        proposer drafts from them. Its steps then never overlap the next."""
+        """Whether sampling this request's next token needs every token it sampled before on
+        the host: penalties count them, a constraint and logits processors follow them. Its
+        rows are then sampled once the step before has been read back."""
         p = self.sampling_params
         penalized = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        return bool(
-            penalized or self.constraint or self.logits_processors or self.proposer is not None
-        )
+        return bool(penalized or self.constraint or self.logits_processors)
 
     def append_output_token(self, token: int) -> None:
         self.output_token_ids.append(token)

@@ -45,7 +45,9 @@ class ScheduledRequest:
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     """One step's decision. ``sync``: the next step needs this one's sampled tokens on the host
-    before it can be built (penalties, constraints, drafts), so the two must not overlap.
+    before it can be scheduled (drafts are proposed from them), so the two must not overlap.
+    (Rows whose sampling needs the host's tokens, such as penalized or constrained ones, do not
+    stop the overlap: the runner samples them late.)
     ``lora_loads``: adapter weights the runner writes before the step runs."""
 
     scheduled: tuple[ScheduledRequest, ...]
@@ -160,8 +162,9 @@ class Scheduler:
             budget -= n
 
         self._update_stats()
+        # A proposer drafts from the host's tokens: its request's steps never overlap.
         sync = not self.config.pipelined or any(
-            s.samples and s.request.needs_host_tokens for s in scheduled
+            s.samples and s.request.proposer is not None for s in scheduled
         )
         loads = self.slots.take_loads() if self.slots is not None else ()
         return SchedulerOutput(tuple(scheduled), tuple(preempted), loads, sync)
