@@ -135,7 +135,8 @@ def listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
+        # create_server appends the address to strerror; the bare reason reads better.
+        reason = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     sock.set_inheritable(True)
     return sock
