@@ -1,4 +1,17 @@
-"""The thread an EngineCore's step loop runs on. Only this thread touches MLX."""
+"""The thread an EngineCore's step loop runs on. Only this thread touches MLX (besides the one
+that loads the model, before it starts).
+
+Threads that ran MLX work must end in order, or the process aborts at exit with "terminate called
+without an active exception". MLX keeps per-thread state in C++ thread-locals: streams, the
+compile cache and, once a thread has drawn from it (building a model does, initializing layers),
+the default random key, whose destructor takes the GIL. Those destructors run when the OS thread
+exits, which is after ``Thread.join()`` has returned in the thread that waited. If that thread is
+the main one and goes on to finalize the interpreter, the key's destructor asks for the GIL during
+finalization; CPython then ends the asking thread with ``pthread_exit``, and the forced unwind
+through a destructor calls ``std::terminate``. So every thread that ran MLX calls
+``release_thread_state`` last, while it is still a Python thread, and the engine thread is not a
+daemon: ``stop`` ends its loop between steps and joins it, and the interpreter joins it too.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +20,21 @@ import queue
 import threading
 from collections.abc import Callable
 
+import mlx.core as mx
+
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 
 log = logging.getLogger(__name__)
+
+
+def release_thread_state() -> None:
+    """Call last on a thread that ran MLX work: waits for what it submitted, then drops its
+    per-thread MLX state (streams, compile cache, default random key) now, under the GIL,
+    rather than in thread-local destructors after the thread is gone from Python's view."""
+    mx.synchronize()
+    mx.clear_streams()
 
 
 class EngineThread:
@@ -28,7 +51,7 @@ class EngineThread:
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="candlewick-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="candlewick-engine")
 
     def start(self) -> None:
         self._thread.start()
@@ -41,16 +64,38 @@ class EngineThread:
         self._aborts.put(request_id)
         self._wake.set()
 
-    def stop(self, timeout: float | None = None) -> None:
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Ends the loop after the current step (or warm-up) and joins the thread; True once it
+        has ended. Requests still running are dropped: drain them first."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the engine thread is still in a step after %ss; waiting on", timeout)
+            return False
+        return True
 
     def _run(self) -> None:
         try:
-            self.core.warm_up()
+            if not self._stop.is_set():
+                self.core.warm_up()
         except Exception:  # only a speed-up: serving goes on without it
             log.exception("engine warm-up failed")
+        try:
+            self._loop()
+        except Exception:
+            log.exception("the engine loop failed")
+        try:  # the pipelined step still in flight finishes here, then this thread's MLX state goes
+            release_thread_state()
+        except Exception:
+            log.exception("releasing the engine thread's MLX state failed")
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
             outputs = self._drain_inbox()

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.engine_thread import release_thread_state
 from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
 from server.routes import adapters, completions, health, models, tokenize
 from server.settings import ServerSettings
-from server.state import ServerState
+from server.state import ServerState, ServerStopped
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,20 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     state = state or ServerState(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        loading = None
+    async def lifespan(app: FastAPI):
         if not state.ready:
-            loading = asyncio.get_running_loop().run_in_executor(None, _load, state)
+            app.state.loader = threading.Thread(target=_load, args=(state,), name="candlewick-load")
+            app.state.loader.start()
         try:
             yield
         finally:
-            if loading is not None:
-                await loading
+            # Not waiting for a load in progress: stop() keeps it from starting the engine,
+            # and whoever runs the server decides whether to wait for it (see server.serve).
             state.stop()
 
     app = FastAPI(title="candlewick", lifespan=lifespan)
     app.state.cw = state
+    app.state.loader = None  # the thread loading the model, while there is one
     install_error_handlers(app)
     limit_body(app, settings.max_request_bytes, settings.max_adapter_bytes)
     if settings.allowed_origins:
@@ -72,13 +74,23 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
 
 
 def _load(state: ServerState) -> None:
+    """Load the model and start the engine, on a thread of its own (loading takes long and
+    touches MLX), which releases its MLX state before it ends (see engine.engine_thread). A
+    failure goes to ``on_load_failed`` when set (the command line reports it and exits), else to
+    the log; either way ``/health`` shows it."""
     try:
         state.start()
+    except ServerStopped:
+        pass  # shut down while loading: nothing to report
     except Exception as e:
-        log.error("loading the model failed: %s", e)
         state.load_error = f"{type(e).__name__}: {e}"
-        if state.on_load_failed is not None:
-            state.on_load_failed()
+        log.debug("loading the model failed", exc_info=True)
+        if state.on_load_failed is None:
+            log.error("loading the model failed: %s", state.load_error)
+    finally:
+        release_thread_state()
+    if state.load_error and state.on_load_failed is not None:
+        state.on_load_failed()
 
 
 def limit_body(app: FastAPI, max_bytes: int, max_upload_bytes: int) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -199,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug: its traceback for a report, then the one-line summary
+        traceback.print_exc()
+        print(f"candlewick: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class ServerState:
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
+    stopped: bool = False  # set by stop(); a load still running then starts nothing
+    _lifecycle: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -62,9 +65,20 @@ class ServerState:
         )
 
     def start(self, loaded: LoadedModel | None = None) -> None:
-        """Load the model (unless given) and start the engine; called once, off the loop."""
+        """Load the model (unless given) and start the engine; called once, off the loop.
+
+        Raises ``ServerStopped`` if ``stop`` came first: the engine thread is started only
+        under the lock ``stop`` takes, so either ``stop`` sees it and joins it or it never
+        starts."""
         s = self.settings
         loaded = loaded or load_model(s.model)
+        with self._lifecycle:
+            if self.stopped:
+                raise ServerStopped("the server stopped while the model was loading")
+            self._start_engine(loaded)
+
+    def _start_engine(self, loaded: LoadedModel) -> None:
+        s = self.settings
         config = EngineConfig(
             max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
@@ -106,7 +120,16 @@ class ServerState:
         )
 
     def stop(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-        if self.registry is not None:
-            self.registry.store.close()
+        """Stop the engine thread (joined: no MLX work outlives it) and close the adapter
+        store. Safe to call twice, and while ``start`` is still loading."""
+        with self._lifecycle:
+            self.stopped = True
+            engine, registry = self.engine, self.registry
+        if engine is not None:
+            engine.shutdown()
+        if registry is not None:
+            registry.store.close()
+
+
+class ServerStopped(RuntimeError):
+    """``start`` found the server already stopped."""
