@@ -103,19 +103,24 @@ def call_from_object(obj: object, require_arguments: bool) -> ToolCall | None:
 
 
 def read_call_list(text: str, pos: int, require_arguments: bool) -> tuple[list[ToolCall], int]:
-    """The calls of the JSON list at ``text[pos]``: its leading elements that are calls (none
-    unless the list parses and its first element is a call), and where the list ends."""
-    try:
-        items, end = DECODER.raw_decode(text, pos)
-    except ValueError:
-        return [], pos
-    calls = []
-    for item in items if isinstance(items, list) else []:
-        call = call_from_object(item, require_arguments)
+    """The calls of the JSON list at ``text[pos]`` and where the list ends, read element by
+    element as the stream reads them: none unless the first element is a call; after a call,
+    anything but ``,`` call or ``]`` breaks the list, and (as in the stream) the rest of the
+    reply is dropped."""
+    calls: list[ToolCall] = []
+    i = skip_whitespace(text, pos + 1)
+    while True:
+        call, end = read_call(text, i, require_arguments)
         if call is None:
             break
         calls.append(call)
-    return (calls, end) if calls else ([], pos)
+        i = skip_whitespace(text, end)
+        if text.startswith("]", i):
+            return calls, i + 1
+        if not text.startswith(",", i):
+            break
+        i = skip_whitespace(text, i + 1)
+    return (calls, len(text)) if calls else ([], pos)
 
 
 def assemble(pieces: list[str | ToolCall]) -> ParsedOutput:
@@ -232,7 +237,11 @@ class StreamingToolParser:
 
     def _read_call(self) -> str:
         """Push buffered characters into the open call: "done" once it closed, "failed" if it
-        proved not to be a call before it started, "broken" after, "more" for more text."""
+        proved not to be a call before it started, "broken" after, "more" for more text.
+
+        The call starts at the character that makes it one, whatever the chunking, so that
+        where a delta ends never changes what the stream reads; its arguments go out once
+        per delta."""
         reader = self._reader
         buf, i = self._buf, 0
         try:
@@ -242,11 +251,14 @@ class StreamingToolParser:
                 if not self._started:
                     self._raw.append(ch)
                 reader.push(ch)
-                self._publish(reader)
+                if not self._started and self._is_call(reader):
+                    self._start(reader.name)
         except JsonStreamError:
             self._buf = buf[i:]
+            self._flush_arguments(reader)
             return "broken" if self._started else "failed"
         self._buf = buf[i:]
+        self._flush_arguments(reader)
         if reader.done:
             if not reader.has_arguments:
                 self._events.append(ArgumentsDelta(self._index, "{}"))
@@ -256,12 +268,14 @@ class StreamingToolParser:
             return "broken" if self._started else "failed"
         return "more"
 
-    def _publish(self, reader: CallReader) -> None:
-        if not self._started:
-            if reader.name is None or (reader.require_arguments and not reader.has_arguments):
-                return
-            self._start(reader.name)
-        if reader.has_arguments:
+    @staticmethod
+    def _is_call(reader: CallReader) -> bool:
+        if reader.name is None:
+            return False
+        return reader.has_arguments or not reader.require_arguments
+
+    def _flush_arguments(self, reader: CallReader) -> None:
+        if self._started and reader.has_arguments:
             text = reader.take_arguments()
             if text:
                 self._events.append(ArgumentsDelta(self._index, text))

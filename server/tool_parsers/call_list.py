@@ -25,7 +25,8 @@ class CallListReader:
         self._calls = 0
 
     def open(self, tag: str) -> None:
-        self.stream._tag, self.stream._raw = tag, []
+        """Start a list after ``tag``; what the stream read since the tag stays in its raw."""
+        self.stream._tag = tag
         self._state, self._calls = _BRACKET, 0
 
     def step(self) -> str:
