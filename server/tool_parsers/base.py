@@ -3,8 +3,9 @@ both kinds of parser follow so that a streamed response and a whole one agree.
 
 Rules, the same in ``parse`` and in the stream:
 - A call is an object with a string ``name`` and its ``arguments`` (or ``parameters``), which
-  are reported as ``json.dumps(value, ensure_ascii=False)`` (``"{}"`` when absent).
-- Content is the text outside calls, joined, less the whitespace that touches a call.
+  are reported as ``json.dumps(value, ensure_ascii=False)`` (``"{}"`` when absent; a string
+  holding a JSON object counts as that object, see ``arguments_json``).
+- Content is the text outside calls, joined as ``ContentJoiner`` says.
 - A tag followed by something that is not a call is text (nothing the model wrote is lost),
   and reading resumes right after the tag.
 - A stream never sends any part of a tag as content: text that may be the start of a tag is
@@ -19,7 +20,13 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
-from server.tool_parsers.json_stream import ARGUMENT_KEYS, WHITESPACE, CallReader, JsonStreamError
+from server.tool_parsers.json_stream import (
+    ARGUMENT_KEYS,
+    WHITESPACE,
+    CallReader,
+    JsonStreamError,
+    arguments_json,
+)
 
 DECODER = json.JSONDecoder(strict=False)
 
@@ -98,7 +105,7 @@ def call_from_object(obj: object, require_arguments: bool) -> ToolCall | None:
     key = next((k for k in obj if k in ARGUMENT_KEYS), None)
     if key is None and require_arguments:
         return None
-    arguments = json.dumps(obj[key], ensure_ascii=False) if key is not None else "{}"
+    arguments = arguments_json(obj[key]) if key is not None else "{}"
     return ToolCall(obj["name"], arguments)
 
 
@@ -123,25 +130,55 @@ def read_call_list(text: str, pos: int, require_arguments: bool) -> tuple[list[T
     return (calls, len(text)) if calls else ([], pos)
 
 
+class ContentJoiner:
+    """Content is the text outside calls. Whitespace that touches a call is not content, except
+    that where text resumes after calls, the whitespace that stood before the first of them
+    separates the two texts ("A\n<call>\nB" is "A\nB"). The stream and the whole parser
+    both join their text through this, so they agree on it by construction."""
+
+    __slots__ = ("_after_call", "_any", "_pending", "_separator")
+
+    def __init__(self) -> None:
+        self._pending = ""  # trailing whitespace, held until we know whether a call follows
+        self._separator = ""  # what goes between the text before calls and the text after
+        self._after_call = False
+        self._any = False  # some content was let out
+
+    def text(self, text: str) -> str:
+        """What of ``text`` is content, to be sent now."""
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._after_call = False
+        body = text.rstrip()
+        if not body:
+            self._pending += text
+            return ""
+        out = self._separator + self._pending + body
+        self._separator, self._pending, self._any = "", text[len(body) :], True
+        return out
+
+    def call(self) -> None:
+        if self._any and self._pending:
+            self._separator = self._pending
+        self._pending, self._after_call = "", True
+
+    def finish(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
 def assemble(pieces: list[str | ToolCall]) -> ParsedOutput:
-    """Text runs and calls in order → content (whitespace touching a call dropped) and calls."""
-    merged: list[str | ToolCall] = []
+    """Text runs and calls in reply order → the content and the calls."""
+    joiner, content, calls = ContentJoiner(), [], []
     for piece in pieces:
-        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
-            merged[-1] += piece
-        else:
-            merged.append(piece)
-    content, calls = [], []
-    for i, piece in enumerate(merged):
         if isinstance(piece, ToolCall):
+            joiner.call()
             calls.append(piece)
-            continue
-        if i > 0:
-            piece = piece.lstrip()
-        if i + 1 < len(merged):
-            piece = piece.rstrip()
-        content.append(piece)
-    text = "".join(content)
+        else:
+            content.append(joiner.text(piece))
+    text = "".join(content) + joiner.finish()
     return ParsedOutput(text or None, calls)
 
 
@@ -167,8 +204,7 @@ class StreamingToolParser:
         self._buf = ""
         self._final = False
         self._events: list[Event] = []
-        self._pending_ws = ""  # content whitespace held until we know no call follows it
-        self._after_call = False  # drop the whitespace that follows a call
+        self._joiner = ContentJoiner()
         self._index = 0  # calls started so far
         self._reader: CallReader | None = None
         self._started = False
@@ -186,9 +222,9 @@ class StreamingToolParser:
         self._final = True
         while self._step():
             pass
-        if self._pending_ws:
-            self._events.append(ContentDelta(self._pending_ws))
-            self._pending_ws = ""
+        tail = self._joiner.finish()
+        if tail:
+            self._events.append(ContentDelta(tail))
         return self._take()
 
     def _step(self) -> bool:
@@ -201,17 +237,9 @@ class StreamingToolParser:
     # Content.
 
     def _emit_text(self, text: str) -> None:
-        if self._after_call:
-            text = text.lstrip()
-            if not text:
-                return
-            self._after_call = False
-        body = text.rstrip()
-        if body:
-            self._events.append(ContentDelta(self._pending_ws + body))
-            self._pending_ws = text[len(body) :]
-        else:
-            self._pending_ws += text
+        content = self._joiner.text(text)
+        if content:
+            self._events.append(ContentDelta(content))
 
     def _scan_text(self, tags: tuple[str, ...]) -> str | None:
         """Send the content before the first tag in the buffer and consume that tag (returned);
@@ -281,14 +309,13 @@ class StreamingToolParser:
                 self._events.append(ArgumentsDelta(self._index, text))
 
     def _start(self, name: str) -> None:
-        self._pending_ws = ""
+        self._joiner.call()
         self._started = True
         self._raw = []
         self._events.append(ToolCallStart(self._index, name))
 
     def _end_call(self) -> None:
         self._index += 1
-        self._after_call = True
         self._reader, self._started = None, False
 
     def _fail(self) -> None:

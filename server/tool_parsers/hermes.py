@@ -82,7 +82,7 @@ class HermesStream(StreamingToolParser):
             self._buf = self._buf[len(self._buf) - min(len(self._buf), len(CLOSE) - 1) :]
             return False
         self._buf = self._buf[i + len(CLOSE) :]
-        self._state, self._after_call = _TEXT, True
+        self._state = _TEXT
         return True
 
     def _after_call_step(self) -> bool:

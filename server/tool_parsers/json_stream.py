@@ -23,6 +23,21 @@ _UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r
 _HEX = frozenset("0123456789abcdefABCDEF")
 ARGUMENT_KEYS = ("arguments", "parameters")
 
+
+def arguments_json(value: object) -> str:
+    """A call's arguments as reported: ``json.dumps(value, ensure_ascii=False)``, except that
+    arguments written as a string holding a JSON object (as some templates render them from
+    OpenAI-style history) are that object."""
+    if isinstance(value, str):
+        try:
+            inner = json.loads(value, strict=False)
+        except ValueError:
+            inner = None
+        if isinstance(inner, dict):
+            value = inner
+    return json.dumps(value, ensure_ascii=False)
+
+
 # What a value reader expects next, outside strings and bare words.
 _VALUE, _VALUE_OR_CLOSE, _KEY, _KEY_OR_CLOSE, _COLON, _COMMA = range(6)
 
@@ -43,11 +58,12 @@ class JsonValue:
     """One JSON value, read a character at a time; ``out`` gathers its normalized text."""
 
     __slots__ = ("_bare", "_escape", "_expect", "_high", "_in_string", "_is_key", "_stack")
-    __slots__ += ("done", "out")
+    __slots__ += ("done", "out", "is_string")
 
     def __init__(self) -> None:
         self.out: list[str] = []
         self.done = False
+        self.is_string = False  # the value is a string (known from its first character)
         self._stack: list[str] = []  # the open containers, "{" or "["
         self._expect = _VALUE
         self._in_string = False
@@ -119,6 +135,7 @@ class JsonValue:
 
     def _open_string(self, is_key: bool) -> None:
         self._in_string, self._is_key = True, is_key
+        self.is_string = not self._stack
         self.out.append('"')
 
     def _read_string_char(self, ch: str) -> None:
@@ -226,8 +243,7 @@ class CallReader:
         if self._value is not None:  # inside a key or a value
             value = self._value
             consumed = value.push(ch)
-            if self._role == "arguments":
-                self._arguments.append(value.take())
+            self._stream_arguments(value)
             if value.done:
                 self._value_done()
             if consumed:
@@ -260,16 +276,22 @@ class CallReader:
         self._value = JsonValue()
         self._state = _CALL_KEY if role == "key" else _CALL_VALUE
         self._value.push(ch)
-        if role == "arguments":
-            self._arguments.append(self._value.take())
+        self._stream_arguments(self._value)
+
+    def _stream_arguments(self, value: JsonValue) -> None:
+        # A string may hold the arguments as JSON: it is judged whole, when it closes.
+        if self._role == "arguments" and not value.is_string:
+            self._arguments.append(value.take())
 
     def _value_done(self) -> None:
-        text = self._value.take()
+        text, was_string = self._value.take(), self._value.is_string
         self._value = None
         if self._role == "key":
             self._key = json.loads(text)
             self._state = _CALL_COLON
             return
+        if self._role == "arguments" and was_string:
+            self._arguments.append(arguments_json(json.loads(text)))
         if self._role == "name":
             self.name = json.loads(text)
             if not isinstance(self.name, str):

@@ -26,7 +26,7 @@ from server.tool_parsers.base import (
     skip_whitespace,
 )
 from server.tool_parsers.call_list import CallListReader
-from server.tool_parsers.json_stream import WHITESPACE, JsonStreamError, JsonValue
+from server.tool_parsers.json_stream import WHITESPACE, JsonStreamError, JsonValue, arguments_json
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -76,7 +76,7 @@ def _read_calls(text: str, pos: int) -> tuple[list[ToolCall], int]:
         value, end = DECODER.raw_decode(text, skip_whitespace(text, name.end() + len(ARGS)))
     except ValueError:
         return [], pos
-    return [ToolCall(name.group(), json.dumps(value, ensure_ascii=False))], end
+    return [ToolCall(name.group(), arguments_json(value))], end
 
 
 _TEXT, _OPENED, _NAME, _ARGUMENTS, _CALL, _LIST, _DISCARD = range(7)
@@ -172,7 +172,10 @@ class MistralStream(StreamingToolParser):
             self._buf, self._state = "", _DISCARD
             return False
         self._buf = buf[i:]
-        text = value.take()
+        if value.is_string:  # judged whole (see arguments_json)
+            text = arguments_json(json.loads(value.take())) if value.done else ""
+        else:
+            text = value.take()
         if text:
             self._events.append(ArgumentsDelta(self._index, text))
         if not value.done:

@@ -69,6 +69,18 @@ CASES = {
             [("echo", U)],
         ),
         ('<tool_call>\n{"name": "now"}\n</tool_call>', None, [("now", {})]),
+        (  # arguments as a JSON string, as templates render OpenAI-style history
+            '<tool_call>\n{"name": "get_time", "arguments": ' + json.dumps(json.dumps(T)) + "}",
+            None,
+            [("get_time", T)],
+        ),
+        (
+            "I will look.\n\n<tool_call>\n"
+            + json.dumps({"name": "get_time", "arguments": T})
+            + "\n</tool_call>\nMeanwhile, hello.\n",
+            "I will look.\n\nMeanwhile, hello.\n",
+            [("get_time", T)],
+        ),
         (
             '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}',
             None,
@@ -149,6 +161,7 @@ CASES = {
             [("get_weather", W), ("search", Q)],
         ),
         ("[TOOL_CALLS]echo[ARGS]" + json.dumps(U, ensure_ascii=False), None, [("echo", U)]),
+        ("[TOOL_CALLS]get_time[ARGS]" + json.dumps(json.dumps(T)), None, [("get_time", T)]),
         ("Paris is [mostly] sunny.", "Paris is [mostly] sunny.", []),
         ("[TOOL_CALLS] I cannot call that.", "[TOOL_CALLS] I cannot call that.", []),
     ],
