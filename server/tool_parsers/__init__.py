@@ -1,5 +1,14 @@
 """Tool calls in model output, one module per family's syntax, and the grammar that makes a
-model write one (``grammar.py``). The chat template says which family a model speaks."""
+model write one (``grammar.py``). The chat template says which family a model speaks.
+
+How serving uses it: ``validate_tools`` (validation.py) on the request, a 400 from its
+ToolSpecError; ``parser_for_template`` once per model; for ``required`` or a named function,
+``tool_call_grammar(parser, tools, tool_choice, parallel_tool_calls,
+tag_token_ids(compiler.tokenizer, parser))`` and the compiler's constraint; then
+``parser.parse(text)`` on a whole reply, or one ``parser.streaming()`` per streamed choice fed
+the detokenized deltas (``new_call_id()`` per call start). The text handed over must keep the
+tags: detokenize without skipping special tokens where a tag is one (Mistral's control tokens).
+"""
 
 from __future__ import annotations
 

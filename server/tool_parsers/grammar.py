@@ -4,9 +4,10 @@ arguments valid against that function's ``parameters`` (an inline ``%json`` sche
 llguidance's Lark).
 
 Tags the vocabulary holds as single special tokens must be written ``<[id]>``: llguidance
-gives every added token (Qwen's ``<tool_call>``, Mistral's ``[TOOL_CALLS]``) bytes of its own,
-so a quoted ``"<tool_call>"`` would never match that token. Where the tag is plain text in the
-vocabulary it is quoted. ``tag_token_ids`` finds out which is which for a tokenizer.
+gives special tokens, and added tokens shaped ``<...>`` such as Qwen 2.5's ``<tool_call>``
+(which is not marked special), bytes of their own, so a quoted ``"<tool_call>"`` would never
+match that token (and llguidance's mask would even offer it). Other tags are quoted, and match
+the vocabulary's own tokens for them. ``tag_token_ids`` asks llguidance which is which.
 
 The call objects are written as the families' templates render them (``json.dumps``
 separators), which is also how the parsers read them back.

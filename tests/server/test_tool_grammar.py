@@ -81,10 +81,11 @@ CHOICES = {"required": ("required", True), "required-one": ("required", False)}
 CHOICES["named"] = (NAMED, True)
 
 
-def tool_tokenizer(special_tags: bool):
-    """One token per byte of printable ASCII and newline (byte-level, as GPT-2's); </s> is 0;
-    with ``special_tags`` the families' tags are added tokens as well."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def tool_tokenizer(tags: str):
+    """One token per byte of printable ASCII and newline (byte-level, as GPT-2's); </s> is 0.
+    ``tags``: "text" (spelled out), "special" (added special tokens, as Mistral's control
+    tokens) or "added" (added tokens that are not special, as Qwen 2.5's <tool_call>)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     table = _bytes_to_unicode()
     vocab = {"</s>": EOS}
@@ -93,7 +94,9 @@ def tool_tokenizer(special_tags: bool):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["</s>", *(TAGS if special_tags else [])])
+    tok.add_special_tokens(["</s>", *(TAGS if tags == "special" else [])])
+    if tags == "added":
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     return tok
 
 
@@ -134,17 +137,22 @@ def streamed(parser, pieces: list[str]):
     return content, [tuple(c) for c in calls.values()]
 
 
-@pytest.mark.parametrize("special_tags", [False, True], ids=["text-tags", "token-tags"])
-def test_forced_calls_parse_and_validate(model, special_tags):
+TAGGED = ("hermes", "mistral-list", "mistral-args")
+
+
+@pytest.mark.parametrize("tags", ["text", "special", "added"])
+def test_forced_calls_parse_and_validate(model, tags):
     weights, vocab = model
-    tok = tool_tokenizer(special_tags)
+    tok = tool_tokenizer(tags)
     compiler = GrammarCompiler(tok.to_str(), vocab, [EOS])
     requests, expect = [], {}
     for family, parser in PARSERS.items():
+        if tags != "text" and family not in TAGGED:
+            continue  # nothing of theirs changes with the tags' tokens
         tag_ids = tag_token_ids(compiler.tokenizer, parser)
-        assert bool(tag_ids) == (
-            special_tags and family in ("hermes", "mistral-list", "mistral-args")
-        )
+        # llguidance gives its own bytes to special tokens and to added ones shaped <...>;
+        # other added tokens are plain text to it, and a quoted tag matches them.
+        assert bool(tag_ids) == (tags == "special" or (tags == "added" and family == "hermes"))
         for choice_id, (choice, parallel) in CHOICES.items():
             spec = tool_call_grammar(parser, TOOLS, choice, parallel, tag_ids, max_calls=3)
             for seed in range(2):
@@ -155,13 +163,17 @@ def test_forced_calls_parse_and_validate(model, special_tags):
                 requests.append(
                     EngineRequest(rid, prompt, params, frozenset({EOS}), constraint=constraint)
                 )
-                expect[rid] = (parser, choice, parallel)
+                open_tag = tok.token_to_id(parser.tags[0]) if parser.tags else None
+                expect[rid] = (parser, choice, parallel, open_tag)
     config = EngineConfig(num_blocks=4096, block_size=16, max_num_seqs=128)
     results = drive(EngineCore(weights, config, mx.float32), requests)
     counts = []
     for rid, (ids, finish) in results.items():
-        parser, choice, parallel = expect[rid]
-        pieces = [tok.decode([t], skip_special_tokens=False) for t in ids if t != EOS]
+        parser, choice, parallel, open_tag = expect[rid]
+        assert (open_tag in ids) == (tags != "text"), rid  # the tag came as one token
+        # Added tokens that are not special survive the default detokenizing.
+        skip = tags == "added"
+        pieces = [tok.decode([t], skip_special_tokens=skip) for t in ids if t != EOS]
         text = "".join(pieces)
         assert finish == "stop", f"{rid} ended by {finish}: {text!r}"
         parsed = parser.parse(text)
