@@ -447,3 +447,52 @@ def test_no_template_means_bare_json_and_ids_look_like_openais():
     assert isinstance(parser_for_template(None), PlainJsonToolParser)
     ids = {new_call_id() for _ in range(100)}
     assert len(ids) == 100 and all(i.startswith("call_") and len(i) == 29 for i in ids)
+
+
+FRAGMENTS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_",
+    "<|python_tag|>",
+    "<|py",
+    "[TOOL_CALLS]",
+    "[TOOL",
+    "[ARGS]",
+    "[AR",
+    '{"name": "f", ',
+    '"arguments": ',
+    '"parameters": ',
+    '{"a": [1, "x"]}',
+    "}",
+    "]",
+    "[",
+    "{",
+    ", ",
+    "; ",
+    "\n",
+    "  ",
+    "text",
+    '"',
+    "\\",
+    "é",
+    "get_weather",
+    ":",
+    "5",
+]
+FRAGMENTS += ['{"name": "f", "arguments": {"a": 1}}', '{"parameters": {}, "name": "g"}'] * 4
+FRAGMENTS += ['<tool_call>{"name": "h"}</tool_call>', '[TOOL_CALLS]k[ARGS]{"x": 1}'] * 3
+
+
+@pytest.mark.parametrize("family", PARSERS)
+def test_any_text_streams_the_same_however_it_is_cut(family):
+    """Random mixes of tags, JSON pieces and text, well-formed or not: the stream never fails
+    and what it reads does not depend on where the deltas end."""
+    rng = random.Random(family)
+    parser = PARSERS[family]
+    for _ in range(300):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 14)))
+        once = streamed(parser, [text])[:2]
+        assert streamed(parser, list(text))[:2] == once, text
+        assert streamed(parser, random_chunks(text, rng))[:2] == once, text
+        if not once[1]:  # no call: the reply is all content, untouched
+            assert once == whole(parser, text) and once[0] in (text, None), text
