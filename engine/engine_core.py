@@ -172,4 +172,5 @@ class EngineCore:
             adapters_loaded=slots.resident if slots is not None else 0,
             adapter_loads=slots.loads if slots is not None else 0,
             num_kv_blocks=self.num_blocks - 1,
+            mask_seconds=self.runner.mask_seconds.snapshot(),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from engine.request import Request
 from engine.sampler import SampledArrays, Sampler
 from engine.sampling_metadata import SamplingMetadata, SamplingRow
 from engine.scheduler import ScheduledRequest, SchedulerOutput, StepPhase
+from engine.stats import Histogram
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class ModelRunner:
         self.store = store
         self.lora = lora
         self.sampler = Sampler(seed)
+        self.mask_seconds = Histogram()  # time to compute each constrained row's token mask
         self.windows = [layer.window for layer in model.model.layers]
         self._device_tokens: dict[str, tuple[mx.array, int]] = {}
 
@@ -132,7 +135,12 @@ class ModelRunner:
         if step.late_logits is None:
             return
         vocab = step.late_logits.shape[-1]
-        rows = [SamplingRow.from_request(r, vocab) for r in step.late_requests]
+        rows = []
+        for request in step.late_requests:
+            start = time.perf_counter()
+            rows.append(SamplingRow.from_request(request, vocab))
+            if request.constraint is not None:  # the time is the constraint's mask
+                self.mask_seconds.observe(time.perf_counter() - start)
         meta = SamplingMetadata.from_rows(rows, vocab)
         part = SampledPart(step.late_rows, self.sampler.submit(step.late_logits, meta))
         step.late_logits = None

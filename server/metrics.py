@@ -6,8 +6,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from engine.stats import EngineStats
 
 disable_created_metrics()  # the *_created series only double what a scrape already shows
 
@@ -18,25 +20,14 @@ _LATENCY_BUCKETS = (
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineSnapshot:
-    """Engine-side numbers read at scrape time (the engine owns them; we only read)."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    prefix_queries: int
-    prefix_hits: int
-    preemptions: int
-    adapters_loaded: int
-    adapter_swaps: int
-
-
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    """Reads the engine's latest published ``EngineStats`` at scrape time (the engine owns the
+    numbers; we only read its snapshot)."""
+
+    def __init__(self, snapshot: Callable[[], EngineStats]) -> None:
         self._snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self._snapshot()
         gauges = (
             ("candlewick_num_requests_running", "Sequences in the running batch", s.num_running),
@@ -47,19 +38,30 @@ class _EngineCollector(Collector):
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
         counters = (
-            ("candlewick_prefix_cache_queries", "Prompt tokens looked up", s.prefix_queries),
-            ("candlewick_prefix_cache_hits", "Prompt tokens found cached", s.prefix_hits),
-            ("candlewick_preemptions", "Sequences preempted for KV space", s.preemptions),
-            ("candlewick_adapter_swaps", "Adapter versions replaced or loaded", s.adapter_swaps),
+            ("candlewick_prefix_cache_queries", "Prompt tokens looked up", s.prefix_cache_queries),
+            ("candlewick_prefix_cache_hits", "Prompt tokens found cached", s.prefix_cache_hits),
+            ("candlewick_preemptions", "Sequences preempted for KV space", s.num_preemptions),
+            ("candlewick_adapter_swaps", "Adapter versions replaced or loaded", s.adapter_loads),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
+        mask = s.mask_seconds
+        cumulative, buckets = 0, []
+        for bound, count in zip((*mask.bounds, float("inf")), mask.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "candlewick_structured_mask_seconds",
+            "Time to compute a constrained row's token mask",
+            buckets=buckets,
+            sum_value=mask.total,
+        )
 
 
 class ServerMetrics:
     """Every series in one registry per app (so tests can build many apps)."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(

@@ -15,9 +15,10 @@ from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.loader.build import LoadedModel
 from engine.loader.load import load_model
+from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
-from server.metrics import EngineSnapshot, ServerMetrics
+from server.metrics import ServerMetrics
 from server.serving import OpenAIServing
 from server.settings import ServerSettings
 
@@ -49,20 +50,9 @@ class ServerState:
     def ready(self) -> bool:
         return self.serving is not None
 
-    def snapshot(self) -> EngineSnapshot:
-        if self.engine is None:
-            return EngineSnapshot(0, 0, 0.0, 0, 0, 0, 0, 0)
-        stats = self.engine.stats  # a frozen snapshot the engine thread published
-        return EngineSnapshot(
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            kv_usage=stats.kv_usage,
-            prefix_queries=stats.prefix_cache_queries,
-            prefix_hits=stats.prefix_cache_hits,
-            preemptions=stats.num_preemptions,
-            adapters_loaded=stats.adapters_loaded,
-            adapter_swaps=stats.adapter_loads,
-        )
+    def snapshot(self) -> EngineStats:
+        """The engine's latest published statistics (a frozen snapshot; any thread may read)."""
+        return self.engine.stats if self.engine is not None else EngineStats()
 
     def start(self, loaded: LoadedModel | None = None) -> None:
         """Load the model (unless given) and start the engine; called once, off the loop.
