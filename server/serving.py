@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,6 +41,7 @@ from server.generation import (
     TokenUsage,
 )
 from server.metrics import ModelSeries, ServerMetrics
+from server.sampling import sampling_params
 from server.text_stream import TextStream
 
 
@@ -116,9 +117,7 @@ class Serving:
         if name in (None, "", self.served_name):
             return None
         if self.registry is None or self.registry.resolve(name) is None:
-            raise NotFound(
-                f"the model {name!r} does not exist", param="model", code="model_not_found"
-            )
+            raise _no_such_model(name)
         return name
 
     def _pin(self, adapter: str | None) -> AdapterPin | None:
@@ -128,9 +127,7 @@ class Serving:
             return None
         version = self.registry.acquire(adapter) if self.registry is not None else None
         if version is None:  # deleted since ``prepare`` looked
-            raise NotFound(
-                f"the model {adapter!r} does not exist", param="model", code="model_not_found"
-            )
+            raise _no_such_model(adapter)
         return AdapterPin(self.registry, version)
 
     def _salt(self, version: AdapterVersion) -> str:
@@ -165,7 +162,8 @@ class Serving:
                 param=spec.max_tokens_field,
                 code="context_length_exceeded",
             )
-        params = self._sampling_params(spec, spec.max_tokens or room)
+        vocab = self.loaded.config.vocab_size
+        params = sampling_params(spec, spec.max_tokens or room, self.defaults, vocab)
         return PreparedRequest(
             request_id=f"{spec.id_prefix}-{uuid.uuid4().hex}",
             model=spec.model if spec.model not in (None, "") else self.served_name,
@@ -175,41 +173,6 @@ class Serving:
             n=spec.n,
             stop=spec.stop,
         )
-
-    def _sampling_params(self, spec: GenerationRequest, max_tokens: int) -> SamplingParams:
-        d = self.defaults
-        bias = {}
-        for key, value in spec.logit_bias.items():
-            try:
-                bias[int(key)] = float(value)
-            except ValueError:
-                raise BadRequest(
-                    f"logit_bias key {key!r} is not a token id", "logit_bias"
-                ) from None
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                min_tokens=spec.min_tokens,
-                temperature=_pick(spec.temperature, d.get("temperature"), 1.0),
-                top_p=_pick(spec.top_p, d.get("top_p"), 1.0),
-                top_k=_pick(spec.top_k, d.get("top_k"), 0),
-                min_p=_pick(spec.min_p, d.get("min_p"), 0.0),
-                presence_penalty=spec.presence_penalty,
-                frequency_penalty=spec.frequency_penalty,
-                repetition_penalty=_pick(spec.repetition_penalty, d.get("repetition_penalty"), 1.0),
-                logit_bias=bias,
-                seed=spec.seed,
-                stop_token_ids=frozenset(spec.stop_token_ids),
-                ignore_eos=spec.ignore_eos,
-                logprobs=spec.logprobs,
-            )
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
-        vocab = self.loaded.config.vocab_size
-        bad = [t for t in [*bias, *params.stop_token_ids] if not 0 <= t < vocab]
-        if bad:
-            raise BadRequest(f"token ids out of range [0, {vocab}): {bad[:10]}")
-        return params
 
     def admit(self, prepared: PreparedRequest) -> Lease:
         """Room for the request's sequences and its adapter's pin, as one lease, now: a full
@@ -221,33 +184,36 @@ class Serving:
     ) -> AsyncGenerator[GenerationEvent, None]:
         """The deltas of all n choices, interleaved as they come, then the usage.
 
-        The lease is released as soon as the choices end: normally, by an error, or by this
-        generator being closed (the client went away). The engine streams are closed first,
-        which aborts whatever still runs.
+        The lease is released as soon as the choices end: normally, by an error (one choice
+        failing fails the request), or by this generator being closed (the client went away).
+        The engine streams are closed first, which aborts whatever still runs.
         """
         tally = _Tally()
+        if prepared.n == 1:
+            deltas = self._choice(prepared, lease, 0, tally)
+        else:
+            deltas = self._interleaved(prepared, lease, tally)
         try:
-            async with aclosing(self._deltas(prepared, lease, tally)) as deltas:
+            async with aclosing(deltas):
                 async for delta in deltas:
                     yield delta
         finally:
             lease.release()
         yield TokenUsage(len(prepared.prompt_ids), tally.completion_tokens, tally.cached_tokens)
 
-    async def _deltas(
+    async def _interleaved(
         self, prepared: PreparedRequest, lease: Lease, tally: _Tally
     ) -> AsyncGenerator[ChoiceDelta, None]:
-        if prepared.n == 1:
-            async with aclosing(self._choice(prepared, lease, 0, tally)) as choice:
-                async for delta in choice:
-                    yield delta
-            return
+        """n choices, each pumped by its own task into one queue (None: a choice ended)."""
         queue: asyncio.Queue[ChoiceDelta | None] = asyncio.Queue()
+        failed: list[Exception] = []
 
         async def pump(index: int) -> None:
             try:
                 async for delta in self._choice(prepared, lease, index, tally):
                     await queue.put(delta)
+            except Exception as e:
+                failed.append(e)
             finally:
                 await queue.put(None)
 
@@ -256,17 +222,16 @@ class Serving:
             remaining = prepared.n
             while remaining:
                 delta = await queue.get()
-                if delta is None:
-                    remaining -= 1
-                else:
+                if delta is not None:
                     yield delta
+                elif failed:
+                    raise failed[0]
+                else:
+                    remaining -= 1
         finally:
             for t in tasks:
                 t.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        for error in results:  # a choice that failed fails the request
-            if isinstance(error, Exception):
-                raise error
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _engine_request(self, prepared: PreparedRequest, lease: Lease, index: int) -> EngineRequest:
         """The one place an ``EngineRequest`` is built: choice ``index`` of ``prepared``, on the
@@ -287,7 +252,7 @@ class Serving:
 
     async def _choice(
         self, prepared: PreparedRequest, lease: Lease, index: int, tally: _Tally
-    ) -> AsyncIterator[ChoiceDelta]:
+    ) -> AsyncGenerator[ChoiceDelta, None]:
         """One choice: engine outputs → text (stop strings cut) → deltas, with its metrics."""
         engine_request = self._engine_request(prepared, lease, index)
         params = engine_request.sampling_params
@@ -333,6 +298,10 @@ class Serving:
             m.requests.labels(model, finish or "abort").inc()
 
 
+def _no_such_model(name: str) -> NotFound:
+    return NotFound(f"the model {name!r} does not exist", param="model", code="model_not_found")
+
+
 def _visible(out: RequestOutput, params: SamplingParams) -> tuple[int, ...]:
     """The tokens whose text the client sees: a stop token id ends the text without
     appearing in it (as vLLM does); eos tokens are special and skipped anyway."""
@@ -352,9 +321,3 @@ def _observe_tokens(series: ModelSeries, out: RequestOutput, before: int, since_
             series.itl.observe(gap / n)
     if out.queued_s is not None:
         series.queue_time.observe(out.queued_s)
-
-
-def _pick(value, default, fallback):
-    if value is not None:
-        return value
-    return default if default is not None else fallback
