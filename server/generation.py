@@ -29,7 +29,7 @@ class GenerationRequest:
 
     model: str | None
     prompt_ids: list[int]
-    id_prefix: str  # "chatcmpl-…", "cmpl-…": the id every response body and chunk carries
+    id_prefix: str  # "chatcmpl", "cmpl": begins the id every body and chunk of the answer carries
     prompt_field: str = "prompt"
     max_tokens: int | None = None  # None: as many as the context leaves room for
     max_tokens_field: str = "max_tokens"
