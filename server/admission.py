@@ -1,29 +1,55 @@
-"""Admission control: how many sequences may be in the server at once, and draining."""
+"""Admission control: how many sequences may be in the server at once, and draining; and the
+lease an admitted request holds until it ends."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
-from server.errors import BadRequest, QueueFull, Unavailable
+from adapters.registry import AdapterRegistry
+from adapters.types import AdapterVersion
+from server.errors import APIError, BadRequest, QueueFull, Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPin:
+    """One reference on an adapter version: its files stay, and a hot swap or a delete leaves
+    it alone, until the pin is released."""
+
+    registry: AdapterRegistry
+    version: AdapterVersion
+
+    def release(self) -> None:
+        self.registry.unpin(self.version)
 
 
 class Lease:
-    """Room for ``n`` sequences, given back once (on exit, or ``release``), together with
-    whatever else the request holds (``also``: e.g. its adapter pin)."""
+    """Everything an admitted request holds: room for ``n`` sequences, and the adapter version
+    its ``model`` names (pinned), if any.
 
-    def __init__(self, admission: Admission, n: int) -> None:
-        self._admission, self._n = admission, n
-        self._also: list[Callable[[], None]] = []
+    Released exactly once: ``release`` is idempotent, and every way a request can end calls it
+    (its events ending, the response ending, an error before the response started). After it,
+    ``Admission.inflight`` no longer counts the request and the adapter is unpinned.
+    """
 
-    def also(self, release: Callable[[], None]) -> None:
-        self._also.append(release)
+    __slots__ = ("_admission", "_pin", "n", "released")
+
+    def __init__(self, admission: Admission, n: int, pin: AdapterPin | None = None) -> None:
+        self._admission, self._pin = admission, pin
+        self.n = n
+        self.released = False
+
+    @property
+    def adapter(self) -> AdapterVersion | None:
+        """The adapter version the request runs on (None: the base model)."""
+        return self._pin.version if self._pin is not None else None
 
     def release(self) -> None:
-        if self._n:
-            self._admission.inflight -= self._n
-            self._n = 0
-            for release in self._also:
-                release()
+        if self.released:
+            return
+        self.released = True
+        self._admission.inflight -= self.n
+        if self._pin is not None:
+            self._pin.release()
 
     def __enter__(self) -> Lease:
         return self
@@ -43,7 +69,22 @@ class Admission:
         self.inflight = 0
         self.draining = False
 
-    def acquire(self, n: int) -> Lease:
+    def acquire(self, n: int, pin: AdapterPin | None = None) -> Lease:
+        """Room for ``n`` sequences, as a lease that also owns ``pin``.
+
+        The pin is handed over either way: admitted, the lease releases it with the room;
+        refused (503, 400, 429), it is released before the error is raised.
+        """
+        try:
+            self._check(n)
+        except APIError:
+            if pin is not None:
+                pin.release()
+            raise
+        self.inflight += n
+        return Lease(self, n, pin)
+
+    def _check(self, n: int) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down")
         if n > self.limit:
@@ -57,5 +98,3 @@ class Admission:
                 f"{self.limit}); retry later",
                 retry_after=1,
             )
-        self.inflight += n
-        return Lease(self, n)

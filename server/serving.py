@@ -1,70 +1,58 @@
-"""OpenAI ⇄ engine translation: resolve the model, render and tokenize the prompt, build
-sampling parameters, run the choices, and turn token outputs back into text events."""
+"""The serving core, under every API: prepare → admit → events → release.
+
+- ``prepare`` validates a ``GenerationRequest`` (context length, sampling fields, the model it
+  names) into a ``PreparedRequest``. It holds nothing, so a bad request costs nothing.
+- ``admit`` claims room for the request's sequences and pins its adapter, as one ``Lease``:
+  a full server answers 429 (a draining one 503) before any response starts.
+- ``generate`` runs the choices on the engine and yields typed events (``ChoiceDelta`` per
+  choice as tokens come, ``TokenUsage`` last), releasing the lease when the choices end,
+  however they end.
+
+The API modules (server/api/) turn requests into ``GenerationRequest`` and events into wire
+shapes; this file knows no API.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any
 
 from adapters.lora_request import lora_request
 from adapters.registry import AdapterRegistry
-from adapters.types import AdapterVersion
 from engine.async_engine import AsyncEngine
 from engine.chat_template import ChatTemplateError
 from engine.loader.build import LoadedModel
-from engine.lora.request import LoRARequest
-from engine.outputs import RequestOutput, TokenLogprob
+from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
-from server.admission import Admission, Lease
+from server.admission import AdapterPin, Admission, Lease
 from server.errors import BadRequest, NotFound
+from server.generation import (
+    ChoiceDelta,
+    GenerationEvent,
+    GenerationRequest,
+    PreparedRequest,
+    TokenUsage,
+)
 from server.metrics import ModelSeries, ServerMetrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.sampling import sampling_params
 from server.text_stream import TextStream
 
 
-@dataclass(frozen=True, slots=True)
-class ServedModel:
-    """What a request's ``model`` names: the base model, or a pinned adapter version on it.
-
-    ``lora`` carries the adapter's cache key (its weights and config digests), which keeps its
-    KV blocks and device slot apart from every other adapter's, and shared with the same
-    adapter under any name.
-    """
-
-    name: str
-    adapter: AdapterVersion | None = None
-    lora: LoRARequest | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedRequest:
-    """A validated request, ready for the engine: n choices of the same prompt."""
-
-    request_id: str
-    served: ServedModel
-    prompt_ids: list[int]
-    params: SamplingParams
-    n: int
-    stop: list[str]
-
-
 @dataclass(slots=True)
-class ChoiceEvent:
-    """What one choice produced since its last event."""
+class _Tally:
+    """Token counts of one request's choices so far (the choices run concurrently)."""
 
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    num_cached_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
-class OpenAIServing:
+class Serving:
     def __init__(
         self,
         engine: AsyncEngine,
@@ -92,191 +80,175 @@ class OpenAIServing:
         )
         self.fingerprint = "fp_candlewick"
 
-    # -- the model a request names ------------------------------------------------------------
-
-    def resolve_model(self, name: str | None) -> ServedModel:
-        """The one place a ``model`` field is understood: the base model or an adapter name.
-
-        An adapter comes back pinned: its version (and files) stay until ``release`` — so a
-        request that resolved v1 finishes on v1 even if v2 is uploaded meanwhile.
-        """
-        if name in (None, "", self.served_name):
-            return ServedModel(self.served_name)
-        version = self.registry.acquire(name) if self.registry is not None else None
-        if version is None:
-            raise NotFound(
-                f"the model {name!r} does not exist", param="model", code="model_not_found"
-            )
-        lora = lora_request(version, self.loaded.config, self.max_lora_rank)
-        return ServedModel(name, adapter=version, lora=lora)
-
-    def check_model(self, name: str | None) -> None:
-        """404 unless ``name`` is the base model or a registered adapter (pins nothing)."""
-        if name in (None, "", self.served_name):
-            return
-        if self.registry is None or self.registry.resolve(name) is None:
-            raise NotFound(
-                f"the model {name!r} does not exist", param="model", code="model_not_found"
-            )
-
-    def release(self, served: ServedModel) -> None:
-        if served.adapter is not None and self.registry is not None:
-            self.registry.unpin(served.adapter)
-
     # -- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    def chat_prompt(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Messages through the model's chat template. Content given as parts keeps its text
+        parts (OpenAI's and Anthropic's ``{"type": "text", "text": ...}``)."""
+        rendered = []
         for m in messages:
-            if isinstance(m.get("content"), list):  # OpenAI content parts: keep the text ones
+            m = dict(m)
+            if isinstance(m.get("content"), list):
                 parts = m["content"]
                 m["content"] = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+            rendered.append(m)
         try:
-            return self.tokenizer.encode_chat(messages, req.add_generation_prompt)
+            return self.tokenizer.encode_chat(rendered, add_generation_prompt)
         except ChatTemplateError as e:
             raise BadRequest(str(e), param="messages") from None
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        bad = [t for t in prompt if not 0 <= t < self.loaded.config.vocab_size]
+    def token_prompt(self, ids: Sequence[int], field: str = "prompt") -> list[int]:
+        """A prompt given as token ids, each checked against the vocabulary."""
+        bad = [t for t in ids if not 0 <= t < self.loaded.config.vocab_size]
         if bad:
-            raise BadRequest(f"prompt token ids out of range: {bad[:10]}", param="prompt")
-        return list(prompt)
+            raise BadRequest(f"prompt token ids out of range: {bad[:10]}", param=field)
+        return list(ids)
 
-    # -- sampling -----------------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
-    def prepare(
-        self,
-        req: SamplingFields,
-        prompt_ids: list[int],
-        max_tokens: int | None,
-        logprobs: int | None,
-        prefix: str,
-    ) -> PreparedRequest:
-        if not prompt_ids:
+    # -- the model a request names ------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> str | None:
+        """404 unless ``name`` is the base model or a registered adapter (pins nothing).
+        Returns the adapter's name, or None for the base model."""
+        if name in (None, "", self.served_name):
+            return None
+        if self.registry is None or self.registry.resolve(name) is None:
+            raise _no_such_model(name)
+        return name
+
+    def _pin(self, adapter: str | None) -> AdapterPin | None:
+        """Resolve and pin in one step, so a hot swap cannot fall between them: a request
+        that pinned v1 finishes on v1 even if v2 is uploaded meanwhile."""
+        if adapter is None:
+            return None
+        version = self.registry.acquire(adapter) if self.registry is not None else None
+        if version is None:  # deleted since ``prepare`` looked
+            raise _no_such_model(adapter)
+        return AdapterPin(self.registry, version)
+
+    # -- prepare → admit → generate -----------------------------------------------------------
+
+    def prepare(self, spec: GenerationRequest) -> PreparedRequest:
+        """Every check that needs no resources; raises ``BadRequest`` or ``NotFound``."""
+        prompt = spec.prompt_ids
+        if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
-        room = self.max_model_len - len(prompt_ids)
+        room = self.max_model_len - len(prompt)
         if room <= 0:
             raise BadRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                f"has {len(prompt_ids)} tokens",
-                param="messages" if prefix == "chatcmpl" else "prompt",
+                f"has {len(prompt)} tokens",
+                param=spec.prompt_field,
                 code="context_length_exceeded",
             )
-        if max_tokens is not None and max_tokens > room:
+        if spec.max_tokens is not None and spec.max_tokens > room:
             raise BadRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; you asked "
-                f"for {len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, "
-                f"{max_tokens} to generate)",
-                param="max_tokens",
+                f"for {len(prompt) + spec.max_tokens} ({len(prompt)} in the prompt, "
+                f"{spec.max_tokens} to generate)",
+                param=spec.max_tokens_field,
                 code="context_length_exceeded",
             )
-        d = self.defaults
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            try:
-                bias[int(key)] = float(value)
-            except ValueError:
-                raise BadRequest(
-                    f"logit_bias key {key!r} is not a token id", "logit_bias"
-                ) from None
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens or room,
-                min_tokens=req.min_tokens,
-                temperature=_pick(req.temperature, d.get("temperature"), 1.0),
-                top_p=_pick(req.top_p, d.get("top_p"), 1.0),
-                top_k=_pick(req.top_k, d.get("top_k"), 0),
-                min_p=_pick(req.min_p, d.get("min_p"), 0.0),
-                presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                repetition_penalty=_pick(req.repetition_penalty, d.get("repetition_penalty"), 1.0),
-                logit_bias=bias,
-                seed=req.seed,
-                stop_token_ids=frozenset(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos,
-                logprobs=logprobs,
-            )
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
         vocab = self.loaded.config.vocab_size
-        bad = [t for t in [*bias, *params.stop_token_ids] if not 0 <= t < vocab]
-        if bad:
-            raise BadRequest(f"token ids out of range [0, {vocab}): {bad[:10]}")
+        params = sampling_params(spec, spec.max_tokens or room, self.defaults, vocab)
         return PreparedRequest(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
-            served=self.resolve_model(req.model),
-            prompt_ids=prompt_ids,
+            request_id=f"{spec.id_prefix}-{uuid.uuid4().hex}",
+            model=spec.model if spec.model not in (None, "") else self.served_name,
+            adapter=self.check_model(spec.model),
+            prompt_ids=prompt,
             params=params,
-            n=req.n,
-            stop=req.stop_strings,
+            n=spec.n,
+            stop=spec.stop,
         )
 
-    # -- running ------------------------------------------------------------------------------
-
     def admit(self, prepared: PreparedRequest) -> Lease:
-        """Claim room for the request's sequences now, so a full server answers 429 before any
-        response starts; ``run`` gives the room (and the adapter pin) back when it ends."""
+        """Room for the request's sequences and its adapter's pin, as one lease, now: a full
+        server answers 429 before any response starts. Refused, it holds nothing."""
+        return self.admission.acquire(prepared.n, self._pin(prepared.adapter))
+
+    async def generate(
+        self, prepared: PreparedRequest, lease: Lease
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """The deltas of all n choices, interleaved as they come, then the usage.
+
+        The lease is released as soon as the choices end: normally, by an error (one choice
+        failing fails the request), or by this generator being closed (the client went away).
+        The engine streams are closed first, which aborts whatever still runs.
+        """
+        tally = _Tally()
+        if prepared.n == 1:
+            deltas = self._choice(prepared, lease, 0, tally)
+        else:
+            deltas = self._interleaved(prepared, lease, tally)
         try:
-            lease = self.admission.acquire(prepared.n)
-        except Exception:
-            self.release(prepared.served)
-            raise
-        lease.also(lambda: self.release(prepared.served))
-        return lease
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
+        finally:
+            lease.release()
+        yield TokenUsage(len(prepared.prompt_ids), tally.completion_tokens, tally.cached_tokens)
 
-    async def run(self, prepared: PreparedRequest, lease: Lease) -> AsyncIterator[ChoiceEvent]:
-        """Events of all n choices, interleaved as they come."""
-        with lease:
-            if prepared.n == 1:
-                async for event in self._choice(prepared, 0):
-                    yield event
-                return
-            queue: asyncio.Queue[ChoiceEvent | None] = asyncio.Queue()
+    async def _interleaved(
+        self, prepared: PreparedRequest, lease: Lease, tally: _Tally
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """n choices, each pumped by its own task into one queue (None: a choice ended)."""
+        queue: asyncio.Queue[ChoiceDelta | None] = asyncio.Queue()
+        failed: list[Exception] = []
 
-            async def pump(index: int) -> None:
-                try:
-                    async for event in self._choice(prepared, index):
-                        await queue.put(event)
-                finally:
-                    await queue.put(None)
-
-            tasks = [asyncio.create_task(pump(i)) for i in range(prepared.n)]
+        async def pump(index: int) -> None:
             try:
-                remaining = prepared.n
-                while remaining:
-                    event = await queue.get()
-                    if event is None:
-                        remaining -= 1
-                    else:
-                        yield event
+                async for delta in self._choice(prepared, lease, index, tally):
+                    await queue.put(delta)
+            except Exception as e:
+                failed.append(e)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await queue.put(None)
 
-    async def _choice(self, prepared: PreparedRequest, index: int) -> AsyncIterator[ChoiceEvent]:
+        tasks = [asyncio.create_task(pump(i)) for i in range(prepared.n)]
+        try:
+            remaining = prepared.n
+            while remaining:
+                delta = await queue.get()
+                if delta is not None:
+                    yield delta
+                elif failed:
+                    raise failed[0]
+                else:
+                    remaining -= 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _engine_request(self, prepared: PreparedRequest, lease: Lease, index: int) -> EngineRequest:
+        """The one place an ``EngineRequest`` is built: choice ``index`` of ``prepared``, on the
+        adapter version its lease pinned. Seeded choices of n > 1 get seeds seed, seed+1, ..."""
         params = prepared.params
         if prepared.n > 1 and params.seed is not None:
-            params = _with_seed(params, params.seed + index)
-        request_id = f"{prepared.request_id}-{index}"
-        engine_request = EngineRequest(
-            request_id=request_id,
+            params = replace(params, seed=params.seed + index)
+        adapter = lease.adapter
+        return EngineRequest(
+            request_id=f"{prepared.request_id}-{index}",
             prompt_token_ids=prepared.prompt_ids,
             sampling_params=params,
             eos_token_ids=self.eos_ids,
             arrival_time=time.monotonic(),
-            lora=prepared.served.lora,
+            lora=lora_request(adapter, self.loaded.config, self.max_lora_rank) if adapter else None,
         )
-        model = prepared.served.name
+
+    async def _choice(
+        self, prepared: PreparedRequest, lease: Lease, index: int, tally: _Tally
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """One choice: engine outputs → text (stop strings cut) → deltas, with its metrics."""
+        engine_request = self._engine_request(prepared, lease, index)
+        params = engine_request.sampling_params
+        model = prepared.model
         series = self.metrics.series(model)
-        text = TextStream(self.tokenizer, prepared.stop)
+        text = TextStream(self.tokenizer, list(prepared.stop))
         start = last = time.monotonic()
         generated = 0
         finish: str | None = None
@@ -292,19 +264,20 @@ class OpenAIServing:
                 if generated == 0 and index == 0:
                     self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt_ids))
                 generated += len(out.new_token_ids)
-                delta = "".join(text.add(t) for t in self._visible(out, params))
+                delta = "".join(text.add(t) for t in _visible(out, params))
                 finish = out.finish_reason
                 if text.stopped:
                     finish = "stop"
                 elif out.finished:
                     delta += text.finish()
-                yield ChoiceEvent(
+                tally.completion_tokens += len(out.new_token_ids)
+                tally.cached_tokens = max(tally.cached_tokens, out.num_cached_tokens)
+                yield ChoiceDelta(
                     index=index,
                     text=delta,
                     token_ids=list(out.new_token_ids),
                     logprobs=list(out.logprobs),
                     finish_reason=finish if (out.finished or text.stopped) else None,
-                    num_cached_tokens=out.num_cached_tokens,
                 )
                 if text.stopped:
                     break
@@ -314,16 +287,18 @@ class OpenAIServing:
             m.e2e.labels(model).observe(time.monotonic() - start)
             m.requests.labels(model, finish or "abort").inc()
 
-    def _visible(self, out: RequestOutput, params: SamplingParams) -> tuple[int, ...]:
-        """The tokens whose text the client sees: a stop token id ends the text without
-        appearing in it (as vLLM does); eos tokens are special and skipped anyway."""
-        ids = out.new_token_ids
-        if out.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
-            return ids[:-1]
-        return ids
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+def _no_such_model(name: str) -> NotFound:
+    return NotFound(f"the model {name!r} does not exist", param="model", code="model_not_found")
+
+
+def _visible(out: RequestOutput, params: SamplingParams) -> tuple[int, ...]:
+    """The tokens whose text the client sees: a stop token id ends the text without
+    appearing in it (as vLLM does); eos tokens are special and skipped anyway."""
+    ids = out.new_token_ids
+    if out.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
+        return ids[:-1]
+    return ids
 
 
 def _observe_tokens(series: ModelSeries, out: RequestOutput, before: int, since_start, gap):
@@ -336,15 +311,3 @@ def _observe_tokens(series: ModelSeries, out: RequestOutput, before: int, since_
             series.itl.observe(gap / n)
     if out.queued_s is not None:
         series.queue_time.observe(out.queued_s)
-
-
-def _pick(value, default, fallback):
-    if value is not None:
-        return value
-    return default if default is not None else fallback
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)

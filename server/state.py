@@ -19,7 +19,7 @@ from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
 from server.metrics import ServerMetrics
-from server.serving import OpenAIServing
+from server.serving import Serving
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics | None = None
     admission: Admission | None = None
-    serving: OpenAIServing | None = None
+    serving: Serving | None = None
     engine: AsyncEngine | None = None
     registry: AdapterRegistry | None = None
     adapters: AdapterService | None = None
@@ -85,7 +85,7 @@ class ServerState:
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
         self.engine = AsyncEngine(core)
         self.admission = Admission(s.max_num_seqs, s.max_queue)
-        self.serving = OpenAIServing(
+        self.serving = Serving(
             engine=self.engine,
             loaded=loaded,
             metrics=self.metrics,

@@ -1,4 +1,4 @@
-"""Server-Sent Events as OpenAI streams them, and the client going away.
+"""Server-Sent Events, and the client going away: the transport under every API's stream.
 
 A client that disconnects aborts its request: a watcher on the ASGI receive channel cancels the
 task that streams the events, or the one collecting a whole response. Either way the engine
@@ -8,8 +8,6 @@ stream is closed, which aborts the request and frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
@@ -17,11 +15,7 @@ from fastapi import Request, Response
 from starlette.types import Receive, Scope, Send
 
 from server.admission import Lease
-from server.errors import APIError, error_body
-from server.responses import Accumulator, ResponseBuilder
-from server.serving import OpenAIServing, PreparedRequest
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -36,12 +30,19 @@ class EventStream(Response):
     single ``send``: no per-event cancel scope or lock, as a general SSE library adds. One task
     streams; a watcher cancels it when the client disconnects; an idle stream (a request still
     queued, say) gets a comment line every ``ping`` seconds so that proxies keep it open.
+
+    The response owns the request's ``lease`` and releases it when it ends, however it ends:
+    even a stream whose events never started (the client left first, or the first send
+    failed), whose generator has no ``finally`` that would run.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncGenerator[str, None], ping: float = 15.0) -> None:
+    def __init__(
+        self, events: AsyncGenerator[str, None], lease: Lease | None = None, ping: float = 15.0
+    ) -> None:
         self.events = events
+        self.lease = lease
         self.ping = ping
         self.status_code = 200
         self.background = None
@@ -53,8 +54,10 @@ class EventStream(Response):
 
         async def stream() -> None:
             nonlocal last_sent
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
                 async for data in self.events:
                     await send(
                         {"type": "http.response.body", "body": _frame(data), "more_body": True}
@@ -84,6 +87,8 @@ class EventStream(Response):
             pinger.cancel()
             streaming.cancel()  # a no-op once done; otherwise the client left: abort
             await asyncio.gather(watcher, pinger, streaming, return_exceptions=True)
+            if self.lease is not None:
+                self.lease.release()
         if not streaming.cancelled() and (error := streaming.exception()) is not None:
             raise error
 
@@ -95,21 +100,10 @@ def _frame(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def sse(events: AsyncGenerator[str, None]) -> EventStream:
-    return EventStream(events)
-
-
 async def _disconnect(receive: Receive) -> None:
     """Returns once the client has gone (the request's body was read before)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def collect(serving: OpenAIServing, prepared: PreparedRequest, lease: Lease) -> Accumulator:
-    acc = Accumulator(prepared)
-    async for event in serving.run(prepared, lease):
-        acc.add(event)
-    return acc
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -125,52 +119,3 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     raise ClientDisconnected
-
-
-def _error_event(e: Exception) -> str:
-    if isinstance(e, APIError):
-        return json.dumps(error_body(e.status, e.type, e.message, e.param, e.code))
-    log.exception("request failed while streaming")
-    return json.dumps(error_body(500, "server_error", f"{type(e).__name__}: {e}"))
-
-
-async def chat_events(
-    serving: OpenAIServing, prepared: PreparedRequest, lease: Lease, include_usage: bool
-) -> AsyncGenerator[str, None]:
-    builder = ResponseBuilder(serving, prepared)
-    acc = Accumulator(prepared)
-    try:
-        for i in range(prepared.n):
-            yield builder.chat_role_chunk(i)
-        async for event in serving.run(prepared, lease):
-            acc.add(event)
-            if chunk := builder.chat_event_chunk(event):
-                yield chunk
-        if include_usage:
-            yield builder.chat_chunk([], usage=acc.usage())
-    except Exception as e:
-        yield _error_event(e)
-    finally:
-        lease.release()
-    yield "[DONE]"
-
-
-async def completion_events(
-    serving: OpenAIServing, prepared: PreparedRequest, lease: Lease, include_usage: bool
-) -> AsyncGenerator[str, None]:
-    builder = ResponseBuilder(serving, prepared)
-    acc = Accumulator(prepared)
-    offsets = [0] * prepared.n
-    try:
-        async for event in serving.run(prepared, lease):
-            acc.add(event)
-            if chunk := builder.completion_chunk(event, offset=offsets[event.index]):
-                yield chunk
-            offsets[event.index] += len(event.text)
-        if include_usage:
-            yield builder.completion_chunk(None, usage=acc.usage())
-    except Exception as e:
-        yield _error_event(e)
-    finally:
-        lease.release()
-    yield "[DONE]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from server.errors import Unavailable
-from server.serving import OpenAIServing
+from server.serving import Serving
 from server.state import ServerState
 
 
@@ -13,7 +13,7 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.cw
 
 
-def serving_of(request: Request) -> OpenAIServing:
+def serving_of(request: Request) -> Serving:
     state = state_of(request)
     if state.admission is not None and state.admission.draining:
         raise Unavailable("the server is shutting down")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from server.api import openai_chat
 from server.errors import BadRequest
 from server.protocol import (
     ChatCompletionRequest,
@@ -27,7 +28,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             messages=body.messages,
             add_generation_prompt=body.add_generation_prompt,
         )
-        tokens = serving.chat_prompt(chat)
+        tokens = openai_chat.prompt_ids(serving, chat)
     else:
         tokens = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=serving.max_model_len)

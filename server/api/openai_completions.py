@@ -1,0 +1,103 @@
+"""OpenAI (legacy) completions over the serving core: a ``CompletionRequest`` becomes a
+``GenerationRequest``; the events become a ``text_completion`` body or stream chunks (one per
+visible delta, then the usage)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import Request, Response
+
+from engine.outputs import TokenLogprob
+from server.api.openai_common import (
+    Collected,
+    Reply,
+    generation_request,
+    is_empty,
+    respond,
+    usage_of,
+)
+from server.generation import ChoiceDelta, GenerationEvent, TokenUsage
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from server.serving import Serving
+
+
+def prompt_ids(serving: Serving, body: CompletionRequest) -> list[int]:
+    """A string, or token ids; a batch of one ([[ids]] or [string]) is that one prompt."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return serving.tokenizer.encode(prompt)
+    return serving.token_prompt(prompt, "prompt")
+
+
+async def create(body: CompletionRequest, request: Request, serving: Serving) -> Response:
+    spec = generation_request(
+        body,
+        prompt_ids(serving, body),
+        id_prefix="cmpl",
+        prompt_field="prompt",
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+    )
+    return await respond(request, serving, body, serving.prepare(spec), chunks, response)
+
+
+def response(reply: Reply, got: Collected) -> CompletionResponse:
+    choices = [
+        CompletionChoice(
+            index=i,
+            text="".join(c.text),
+            logprobs=_logprobs(reply, c.logprobs, 0) if reply.wants_logprobs else None,
+            finish_reason=c.finish_reason,
+        )
+        for i, c in enumerate(got.choices)
+    ]
+    return CompletionResponse(**reply.envelope(), choices=choices, usage=usage_of(got.usage))
+
+
+async def chunks(
+    reply: Reply, events: AsyncIterator[GenerationEvent], include_usage: bool
+) -> AsyncGenerator[str, None]:
+    offsets = [0] * reply.prepared.n  # each choice's text so far, for logprobs' text_offset
+    async for event in events:
+        if isinstance(event, ChoiceDelta):
+            if not is_empty(event):
+                yield _chunk(reply, [_delta_choice(reply, event, offsets[event.index])])
+            offsets[event.index] += len(event.text)
+        elif isinstance(event, TokenUsage) and include_usage:
+            yield _chunk(reply, [], usage=usage_of(event))
+
+
+def _chunk(reply: Reply, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+    return CompletionResponse(**reply.envelope(), choices=choices, usage=usage).model_dump_json()
+
+
+def _delta_choice(reply: Reply, delta: ChoiceDelta, offset: int) -> CompletionChoice:
+    return CompletionChoice(
+        index=delta.index,
+        text=delta.text,
+        logprobs=_logprobs(reply, delta.logprobs, offset) if reply.wants_logprobs else None,
+        finish_reason=delta.finish_reason,
+    )
+
+
+def _logprobs(reply: Reply, items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for lp in items:
+        text = reply.token_text(lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({reply.token_text(t): v for t, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
