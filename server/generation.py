@@ -14,6 +14,7 @@ from typing import Literal
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.structured.grammar import GrammarSpec
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -48,6 +49,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    grammar: GrammarSpec | None = None  # the output must match it (structured output)
+    grammar_field: str | None = None  # the wire field that asked for it, for errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class PreparedRequest:
     params: SamplingParams
     n: int
     stop: tuple[str, ...]
+    grammar: GrammarSpec | None = None  # compiled and checked; each choice gets a matcher
 
 
 # -- the events of a generation, in the order they come ------------------------------------------

@@ -15,6 +15,7 @@ shapes; this file knows no API.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -30,6 +31,7 @@ from engine.loader.build import LoadedModel
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.structured.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from server.admission import AdapterPin, Admission, Lease
 from server.errors import BadRequest, NotFound
 from server.generation import (
@@ -67,6 +69,8 @@ class Serving:
     ) -> None:
         self.registry = registry
         self.max_lora_rank = max_lora_rank
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self.engine = engine
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -92,7 +96,10 @@ class Serving:
             m = dict(m)
             if isinstance(m.get("content"), list):
                 parts = m["content"]
-                m["content"] = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+                # Parts joined with a newline, as vLLM and llama.cpp do ("What is" + "the best
+                # book" must not read "What isthe best book").
+                texts = (p.get("text", "") for p in parts if p.get("type") == "text")
+                m["content"] = "\n".join(texts)
             rendered.append(m)
         try:
             return self.tokenizer.encode_chat(rendered, add_generation_prompt)
@@ -155,6 +162,8 @@ class Serving:
             )
         vocab = self.loaded.config.vocab_size
         params = sampling_params(spec, spec.max_tokens or room, self.defaults, vocab)
+        if spec.grammar is not None:
+            self._check_grammar(spec.grammar, spec.grammar_field)
         return PreparedRequest(
             request_id=f"{spec.id_prefix}-{uuid.uuid4().hex}",
             model=spec.model if spec.model not in (None, "") else self.served_name,
@@ -162,8 +171,29 @@ class Serving:
             prompt_ids=prompt,
             params=params,
             n=spec.n,
-            stop=spec.stop,
+            # A stop string must never cut a constrained output short of what its grammar
+            # accepts: under a grammar, the grammar decides where the output ends.
+            stop=() if spec.grammar is not None else spec.stop,
+            grammar=spec.grammar,
         )
+
+    def _check_grammar(self, spec: GrammarSpec, field: str | None) -> None:
+        """Compile (or find cached) the request's grammar now: a 400 before it is queued."""
+        try:
+            self.grammars.constraint(spec)
+        except GrammarError as e:
+            raise BadRequest(f"{field}: {e}" if field else str(e), param=field) from None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The model's grammar compiler, built once on first use (a second or so for a large
+        vocabulary) from the tokenizer's own JSON."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                tokenizer = self.tokenizer.backend.to_str()
+                vocab = self.loaded.config.vocab_size
+                self._grammars = GrammarCompiler(tokenizer, vocab, sorted(self.eos_ids))
+            return self._grammars
 
     def admit(self, prepared: PreparedRequest) -> Lease:
         """Room for the request's sequences and its adapter's pin, as one lease, now: a full
@@ -238,6 +268,7 @@ class Serving:
             eos_token_ids=self.eos_ids,
             arrival_time=time.monotonic(),
             lora=lora_request(adapter, self.loaded.config, self.max_lora_rank) if adapter else None,
+            constraint=self.grammars.constraint(prepared.grammar) if prepared.grammar else None,
         )
 
     async def _choice(

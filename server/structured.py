@@ -50,8 +50,9 @@ def check_unsupported(req: SamplingFields) -> None:
                 )
 
 
-def grammar_spec(req: SamplingFields) -> GrammarSpec | None:
-    """The request's one constraint, or None; a 400 when it asks in more than one way."""
+def grammar_spec(req: SamplingFields) -> tuple[GrammarSpec | None, str | None]:
+    """The request's one constraint and the field that asked for it, or (None, None); a 400
+    when it asks in more than one way."""
     check_unsupported(req)
     asked: list[tuple[str, GrammarSpec]] = []
     rf = req.response_format
@@ -82,7 +83,10 @@ def grammar_spec(req: SamplingFields) -> GrammarSpec | None:
     if len(asked) > 1:
         names = ", ".join(name for name, _ in asked)
         raise BadRequest(f"ask for one output constraint, not several ({names})")
-    return asked[0][1] if asked else None
+    if not asked:
+        return None, None
+    field, spec = asked[0]
+    return spec, field
 
 
 def _vllm(field: str, value: Any, param: str | None = None) -> GrammarSpec:

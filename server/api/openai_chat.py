@@ -15,6 +15,7 @@ from server.api.openai_common import (
     generation_request,
     is_empty,
     respond,
+    split_finish,
     usage_of,
 )
 from server.generation import ChoiceDelta, GenerationEvent, TokenUsage
@@ -73,7 +74,13 @@ async def chunks(
         yield _chunk(reply, [ChatChunkChoice(index=i, delta=role)])
     async for event in events:
         if isinstance(event, ChoiceDelta):
-            if not is_empty(event):
+            if event.text and event.finish_reason:
+                # The last text, then the finish on its own empty delta, as OpenAI sends them:
+                # clients that stop reading at finish_reason keep the last token.
+                *head, tail = split_finish(event)
+                for part in (*head, tail):
+                    yield _chunk(reply, [_delta_choice(reply, part)])
+            elif not is_empty(event):
                 yield _chunk(reply, [_delta_choice(reply, event)])
         elif isinstance(event, TokenUsage) and include_usage:
             yield _chunk(reply, [], usage=usage_of(event))

@@ -26,6 +26,7 @@ from server.generation import (
 from server.protocol import PromptTokensDetails, SamplingFields, Usage
 from server.serving import Serving
 from server.streaming import ClientDisconnected, EventStream, unless_disconnected
+from server.structured import grammar_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def generation_request(
     logprobs: int | None,
 ) -> GenerationRequest:
     """The fields chat and completions share, in the core's terms."""
+    grammar, grammar_field = grammar_spec(body)
     return GenerationRequest(
         model=body.model,
         prompt_ids=prompt_ids,
@@ -61,6 +63,8 @@ def generation_request(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
+        grammar=grammar,
+        grammar_field=grammar_field,
     )
 
 
@@ -90,6 +94,12 @@ def usage_of(usage: TokenUsage) -> Usage:
         total_tokens=usage.total_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
+
+
+def split_finish(delta: ChoiceDelta) -> tuple[ChoiceDelta, ChoiceDelta]:
+    """A choice's last delta as two: its text (and tokens), then its finish alone."""
+    text = ChoiceDelta(delta.index, delta.text, delta.token_ids, delta.logprobs)
+    return text, ChoiceDelta(delta.index, "", [], [], delta.finish_reason)
 
 
 def is_empty(delta: ChoiceDelta) -> bool:

@@ -15,6 +15,7 @@ from server.api.openai_common import (
     generation_request,
     is_empty,
     respond,
+    split_finish,
     usage_of,
 )
 from server.generation import ChoiceDelta, GenerationEvent, TokenUsage
@@ -71,9 +72,11 @@ async def chunks(
     offsets = [0] * reply.prepared.n  # each choice's text so far, for logprobs' text_offset
     async for event in events:
         if isinstance(event, ChoiceDelta):
-            if not is_empty(event):
-                yield _chunk(reply, [_delta_choice(reply, event, offsets[event.index])])
-            offsets[event.index] += len(event.text)
+            parts = split_finish(event) if event.text and event.finish_reason else (event,)
+            for part in parts:  # the last text, then the finish alone, as OpenAI sends them
+                if not is_empty(part):
+                    yield _chunk(reply, [_delta_choice(reply, part, offsets[part.index])])
+                offsets[part.index] += len(part.text)
         elif isinstance(event, TokenUsage) and include_usage:
             yield _chunk(reply, [], usage=usage_of(event))
 
