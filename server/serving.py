@@ -15,6 +15,7 @@ shapes; this file knows no API.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ from server.generation import (
 from server.metrics import ModelSeries, ServerMetrics
 from server.sampling import sampling_params
 from server.text_stream import TextStream
+from server.tool_parsers import ToolParser, parser_for_template
 
 
 @dataclass(slots=True)
@@ -87,7 +89,10 @@ class Serving:
     # -- prompts ------------------------------------------------------------------------------
 
     def chat_prompt(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_args: Any,
     ) -> list[int]:
         """Messages through the model's chat template. Content given as parts keeps its text
         parts (OpenAI's and Anthropic's ``{"type": "text", "text": ...}``)."""
@@ -102,7 +107,7 @@ class Serving:
                 m["content"] = "\n".join(texts)
             rendered.append(m)
         try:
-            return self.tokenizer.encode_chat(rendered, add_generation_prompt)
+            return self.tokenizer.encode_chat(rendered, add_generation_prompt, **template_args)
         except ChatTemplateError as e:
             raise BadRequest(str(e), param="messages") from None
 
@@ -183,6 +188,11 @@ class Serving:
             self.grammars.constraint(spec)
         except GrammarError as e:
             raise BadRequest(f"{field}: {e}" if field else str(e), param=field) from None
+
+    @functools.cached_property
+    def tool_parser(self) -> ToolParser:
+        """How this model writes tool calls, judged from its chat template."""
+        return parser_for_template(self.tokenizer.chat_template)
 
     @property
     def grammars(self) -> GrammarCompiler:

@@ -4,7 +4,9 @@ events (a role chunk per choice first, then one chunk per visible delta, then th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request, Response
 
@@ -18,6 +20,15 @@ from server.api.openai_common import (
     split_finish,
     usage_of,
 )
+from server.api.openai_tools import (
+    CallStream,
+    ToolUse,
+    forced_grammar,
+    template_messages,
+    tool_use,
+    whole_calls,
+)
+from server.errors import BadRequest
 from server.generation import ChoiceDelta, GenerationEvent, TokenUsage
 from server.protocol import (
     AssistantMessage,
@@ -35,45 +46,81 @@ from server.protocol import (
 from server.serving import Serving
 
 
-def prompt_ids(serving: Serving, body: ChatCompletionRequest) -> list[int]:
-    """The messages through the model's chat template (also what /tokenize counts)."""
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    return serving.chat_prompt(messages, body.add_generation_prompt)
+def prompt_ids(
+    serving: Serving, body: ChatCompletionRequest, use: ToolUse | None = None
+) -> list[int]:
+    """The messages through the model's chat template (also what /tokenize counts); tools go
+    to the template as transformers passes them."""
+    messages = template_messages(body)
+    extra = {"tools": use.tools} if use is not None and use.reads_calls else {}
+    return serving.chat_prompt(messages, body.add_generation_prompt, **extra)
 
 
 async def create(body: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
+    use = tool_use(body, serving)
     spec = generation_request(
         body,
-        prompt_ids(serving, body),
+        prompt_ids(serving, body, use),
         id_prefix="chatcmpl",
         prompt_field="messages",
         max_tokens=body.max_completion_tokens or body.max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    return await respond(request, serving, body, serving.prepare(spec), chunks, response)
+    if use is not None and (forced := forced_grammar(use, serving)) is not None:
+        if spec.grammar is not None:
+            raise BadRequest(
+                f"tool_choice forces a call; it cannot be combined with {spec.grammar_field}",
+                param="tool_choice",
+            )
+        spec = replace(spec, grammar=forced, grammar_field="tool_choice")
+    reads = use if use is not None and use.reads_calls else None
+    return await respond(
+        request,
+        serving,
+        body,
+        serving.prepare(spec),
+        functools.partial(chunks, tools=reads),
+        functools.partial(response, tools=reads),
+    )
 
 
-def response(reply: Reply, got: Collected) -> ChatCompletionResponse:
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content="".join(c.text)),
-            logprobs=_logprobs(reply, c.logprobs),
-            finish_reason=c.finish_reason,
+def response(reply: Reply, got: Collected, tools: ToolUse | None = None) -> ChatCompletionResponse:
+    choices = []
+    for i, c in enumerate(got.choices):
+        text, finish, calls = "".join(c.text), c.finish_reason, None
+        if tools is not None:
+            parsed = tools.parser.parse(text)
+            text, calls = parsed.content, whole_calls(parsed) or None
+            if calls and finish == "stop":
+                finish = "tool_calls"
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=text, tool_calls=calls),
+                logprobs=_logprobs(reply, c.logprobs),
+                finish_reason=finish,
+            )
         )
-        for i, c in enumerate(got.choices)
-    ]
     return ChatCompletionResponse(**reply.envelope(), choices=choices, usage=usage_of(got.usage))
 
 
 async def chunks(
-    reply: Reply, events: AsyncIterator[GenerationEvent], include_usage: bool
+    reply: Reply,
+    events: AsyncIterator[GenerationEvent],
+    include_usage: bool,
+    tools: ToolUse | None = None,
 ) -> AsyncGenerator[str, None]:
     for i in range(reply.prepared.n):
         role = DeltaMessage(role="assistant", content="")
         yield _chunk(reply, [ChatChunkChoice(index=i, delta=role)])
+    calls = (
+        [CallStream(tools.parser.streaming()) for _ in range(reply.prepared.n)] if tools else None
+    )
     async for event in events:
-        if isinstance(event, ChoiceDelta):
+        if isinstance(event, ChoiceDelta) and calls is not None:
+            for chunk in _tool_chunks(reply, event, calls[event.index]):
+                yield chunk
+        elif isinstance(event, ChoiceDelta):
             if event.text and event.finish_reason:
                 # The last text, then the finish on its own empty delta, as OpenAI sends them:
                 # clients that stop reading at finish_reason keep the last token.
@@ -84,6 +131,37 @@ async def chunks(
                 yield _chunk(reply, [_delta_choice(reply, event)])
         elif isinstance(event, TokenUsage) and include_usage:
             yield _chunk(reply, [], usage=usage_of(event))
+
+
+def _tool_chunks(reply: Reply, event: ChoiceDelta, stream: CallStream) -> list[str]:
+    """A delta read through the tool parser: content and call fragments as their own deltas,
+    the finish (``tool_calls`` once a call was made) last and alone."""
+    fields = stream.deltas(stream.parser.feed(event.text)) if event.text else []
+    if event.finish_reason:
+        fields += stream.deltas(stream.parser.finish())
+    out = []
+    logprobs = _logprobs(reply, event.logprobs)
+    for f in fields:
+        choice = ChatChunkChoice(index=event.index, delta=DeltaMessage(**f), logprobs=logprobs)
+        out.append(_chunk(reply, [choice]))
+        logprobs = None  # the step's logprobs go with its first delta
+    if event.finish_reason:
+        finish = (
+            "tool_calls" if stream.called and event.finish_reason == "stop" else event.finish_reason
+        )
+        out.append(
+            _chunk(
+                reply,
+                [ChatChunkChoice(index=event.index, delta=DeltaMessage(), finish_reason=finish)],
+            )
+        )
+    elif not fields and logprobs is not None:
+        out.append(
+            _chunk(
+                reply, [ChatChunkChoice(index=event.index, delta=DeltaMessage(), logprobs=logprobs)]
+            )
+        )
+    return out
 
 
 def _chunk(reply: Reply, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
