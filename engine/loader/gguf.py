@@ -1,5 +1,6 @@
 """GGUF files (arch llama, mistral, qwen2, qwen3): config from metadata, tensors renamed to
-Hugging Face's names, Q4_0/Q4_1/Q8_0 kept quantized, tokenizer and chat template embedded."""
+Hugging Face's names, quantized blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants Q2_K..Q6_K) kept
+quantized and exact, tokenizer and chat template embedded."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import numpy as np
 from engine.config import ConfigError, ModelConfig, RopeConfig
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
 from engine.loader.gguf_metadata import open_gguf, read_metadata
-from engine.loader.gguf_tensors import AffineQuantized, tensor_to_mlx
+from engine.loader.gguf_tensors import (
+    AffineQuantized,
+    Quantized,
+    SubBlockQuantized,
+    tensor_to_mlx,
+)
 from engine.models.registry import architecture
 from engine.tokenizer import Tokenizer
 
@@ -127,6 +133,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
     permuted = architecture(cfg.model_type).GGUF_QK_PERMUTED
     weights: dict[str, mx.array] = {}
     bits: dict[str, int] = {}
+    sub_blocks: dict[str, str] = {}  # module -> Q6_K / Q3_K / Q2_K
     unknown = []
     for tensor in progress(reader.tensors, desc=f"loading {path.name}", total=len(names)):
         if tensor.name == "rope_freqs.weight":
@@ -145,17 +152,20 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
             weights[f"{module}.weight"] = value.weight
             weights[f"{module}.scales"] = value.scales
             weights[f"{module}.biases"] = value.biases
+        elif isinstance(value, SubBlockQuantized):
+            sub_blocks[module] = value.fmt.name
+            weights.update({f"{module}.{k}": v for k, v in value.arrays().items()})
         else:
             weights[name] = value
     if unknown:
         raise WeightsError(
             f"{path.name} has tensors candlewick does not know: {', '.join(unknown)}"
         )
-    return build_model(cfg, weights, bits), meta
+    return build_model(cfg, weights, bits, sub_blocks=sub_blocks), meta
 
 
-def _take_rows(value: mx.array | AffineQuantized, rows: np.ndarray) -> mx.array | AffineQuantized:
-    if isinstance(value, AffineQuantized):
+def _take_rows(value: mx.array | Quantized, rows: np.ndarray) -> mx.array | Quantized:
+    if isinstance(value, (AffineQuantized, SubBlockQuantized)):
         return value.take_rows(rows)
     return value[mx.array(rows)]
 
