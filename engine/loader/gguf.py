@@ -18,6 +18,7 @@ from engine.loader.gguf_tensors import (
     AffineQuantized,
     Quantized,
     SubBlockQuantized,
+    check_types,
     tensor_to_mlx,
 )
 from engine.models.registry import architecture
@@ -130,6 +131,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         freq_factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float64).reshape(-1))
     cfg = config_from_gguf(meta, names, freq_factors)
+    check_types(path.name, reader.tensors)  # before any tensor is converted
     permuted = architecture(cfg.model_type).GGUF_QK_PERMUTED
     weights: dict[str, mx.array] = {}
     bits: dict[str, int] = {}

@@ -23,6 +23,7 @@ and 4-bit codes pair elements (2k, 2k+1) into byte k, low nibble first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gguf
@@ -43,16 +44,42 @@ _LITTLE_U32 = np.dtype("<u4")
 
 
 class UnsupportedTensorType(ValueError):
-    """A tensor whose GGML type has no exact MLX encoding here (IQ-quants, ternary, ...)."""
+    """A tensor whose GGML type has no exact MLX encoding here (IQ-quants, ternary, ...).
 
-    def __init__(self, tensor_name: str, type_name: str) -> None:
+    `file` and `others` (further (tensor, type) pairs of the same file) are given when a whole
+    file is checked before loading, so one message reports every problem.
+    """
+
+    def __init__(
+        self,
+        tensor_name: str,
+        type_name: str,
+        file: str | None = None,
+        others: Sequence[tuple[str, str]] = (),
+    ) -> None:
         supported = ", ".join(t.name for t in SUPPORTED_TYPES)
+        where = f"{file}: " if file else ""
+        more = ""
+        if others:
+            listed = ", ".join(f"{name!r} ({kind})" for name, kind in others[:4])
+            more = f"; so do {len(others)} more: {listed}" + (", ..." if len(others) > 4 else "")
         super().__init__(
-            f"tensor {tensor_name!r} has type {type_name}, which candlewick cannot load yet "
-            f"(supported: {supported})"
+            f"{where}tensor {tensor_name!r} has type {type_name}, which candlewick cannot load yet"
+            f"{more} (supported: {supported}; IQ and ternary types have no exact MLX encoding: "
+            "use a K-quant, Q8_0 or F16 file of the model)"
         )
         self.tensor_name = tensor_name
         self.type_name = type_name
+        self.file = file
+        self.others = tuple(others)
+
+
+def check_types(file: str, tensors: Sequence[GGUFTensor]) -> None:
+    """Raise `UnsupportedTensorType` naming every tensor of an unsupported type, if any."""
+    bad = [(t.name, t.tensor_type.name) for t in tensors if t.tensor_type not in SUPPORTED_TYPES]
+    if bad:
+        (name, kind), *others = bad
+        raise UnsupportedTensorType(name, kind, file=file, others=others)
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,13 +171,20 @@ class _SubBlockWeights(nn.Module):
 
 
 class SubBlockLinear(_SubBlockWeights):
-    """A bias-free linear layer over sub-block weights [out_features, in_features]."""
+    """A linear layer over sub-block weights [out_features, in_features] (the bias, if any,
+    dense like the file's)."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: SubBlockFormat) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, fmt: SubBlockFormat, bias: bool = False
+    ) -> None:
         super().__init__(out_features, in_features, fmt)
+        if bias:
+            self.bias = mx.zeros((out_features,))
+            self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.matmul_t(x)
+        y = self.matmul_t(x)
+        return y + self.bias if "bias" in self else y
 
 
 class SubBlockEmbedding(_SubBlockWeights):
@@ -200,10 +207,10 @@ class SubBlockEmbedding(_SubBlockWeights):
 
 
 def sub_block_module(module: nn.Module, fmt: SubBlockFormat) -> nn.Module:
-    """The sub-block twin of a bias-free `nn.Linear` or an `nn.Embedding` (same shape)."""
+    """The sub-block twin of an `nn.Linear` or an `nn.Embedding` (same shape)."""
     rows, cols = module.weight.shape
     if isinstance(module, nn.Embedding):
         return SubBlockEmbedding(rows, cols, fmt)
-    if isinstance(module, nn.Linear) and "bias" not in module:
-        return SubBlockLinear(cols, rows, fmt)
+    if isinstance(module, nn.Linear):
+        return SubBlockLinear(cols, rows, fmt, bias="bias" in module)
     raise ValueError(f"{type(module).__name__} cannot hold {fmt.name} weights")

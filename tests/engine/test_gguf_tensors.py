@@ -169,7 +169,8 @@ def test_take_rows_equals_indexing_the_dense_weight(kind, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
-    """A GGUF file with one tensor of each supported type (and an IQ4_XS), plus the expected values."""
+    """A GGUF file with one tensor of several supported types (and an IQ4_XS), plus the expected
+    values."""
     rng = np.random.default_rng(4)
     f32 = rng.standard_normal((5, 7)).astype(np.float32)
     f16 = rng.standard_normal((3, 40)).astype(np.float16)
@@ -248,7 +249,9 @@ def test_unsupported_type_names_the_tensor_and_its_type(tiny_file):
     assert isinstance(caught.value, ValueError)
     assert str(caught.value) == (
         "tensor 'blk.0.ffn_down.weight' has type IQ4_XS, which candlewick cannot load yet "
-        "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K)"
+        "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K; "
+        "IQ and ternary types have no exact MLX encoding: use a K-quant, Q8_0 or F16 file of the "
+        "model)"
     )
     assert (caught.value.tensor_name, caught.value.type_name) == ("blk.0.ffn_down.weight", "IQ4_XS")
 
