@@ -36,7 +36,7 @@ QK_K = 256
 class Groups32:
     """Codes in element order with a float32 scale and bias per 32 elements (both exact)."""
 
-    codes: np.ndarray  # uint8 [..., rows, cols]
+    codes: np.ndarray  # uint8 [..., rows, cols] (uint32 words once packed)
     scales: np.ndarray  # float32 [..., rows, cols/32]
     biases: np.ndarray  # float32 [..., rows, cols/32]
 
@@ -47,7 +47,7 @@ class SubBlocks16:
     sub-block one small integer (and a second one, the min, for Q2_K, packed into the same byte),
     per 256-element super-block an f16 `d` (and `dmin`)."""
 
-    codes: np.ndarray  # uint8 [..., rows, cols]
+    codes: np.ndarray  # uint8 [..., rows, cols] (uint32 words once packed)
     sub_scales: np.ndarray  # int8 (Q6_K, Q3_K: the signed scale) or uint8 (Q2_K: sc | m << 4)
     d: np.ndarray  # float16 [..., rows, cols/256]
     dmin: np.ndarray | None  # float16 [..., rows, cols/256], Q2_K only

@@ -24,7 +24,7 @@ and 4-bit codes pair elements (2k, 2k+1) into byte k, low nibble first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import gguf
 import mlx.core as mx
@@ -288,16 +288,38 @@ def _q4_1(data: np.ndarray, dtype: mx.Dtype) -> AffineQuantized:
     )
 
 
+CHUNK_BYTES = 1 << 22  # file bytes unpacked at once: bounds the temporaries (~16 B per weight)
+
+
+def _unpack_rows(data: np.ndarray, block_bytes: int, unpack, bits: int):
+    """`unpack` (a `gguf_blocks` function) over chunks of rows, with the codes packed for MLX:
+    the same dataclass, `codes` holding uint32 words; every field keeps data's leading shape."""
+    *lead, row_bytes = data.shape
+    rows = data.reshape(-1, row_bytes)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    chunks = []
+    for start in range(0, rows.shape[0], step):
+        unpacked = unpack(_split_blocks(rows[start : start + step], block_bytes))
+        chunks.append(replace(unpacked, codes=gguf_blocks.pack_codes(unpacked.codes, bits)))
+    joined = {
+        f.name: None
+        if getattr(chunks[0], f.name) is None
+        else np.concatenate([getattr(c, f.name) for c in chunks]).reshape(*lead, -1)
+        for f in fields(chunks[0])
+    }
+    return type(chunks[0])(**joined)
+
+
 def _groups32(unpack, block_bytes: int, bits: int, exact_dtype: bool):
     """A converter for a format whose `unpack` gives 32-element groups (`gguf_blocks`); the
     scales and biases are cast to the requested dtype only where that dtype holds them exactly
     in general (Q5_0/Q5_1: f16 block constants), else kept float32 (Q4_K/Q5_K)."""
 
     def convert(data: np.ndarray, dtype: mx.Dtype) -> AffineQuantized:
-        groups = unpack(_split_blocks(data, block_bytes))
+        groups = _unpack_rows(data, block_bytes, unpack, bits)
         keep = dtype if exact_dtype else mx.float32
         return AffineQuantized(
-            weight=mx.array(gguf_blocks.pack_codes(groups.codes, bits)),
+            weight=mx.array(groups.codes),
             scales=mx.array(groups.scales).astype(keep),
             biases=mx.array(groups.biases).astype(keep),
             bits=bits,
@@ -308,9 +330,9 @@ def _groups32(unpack, block_bytes: int, bits: int, exact_dtype: bool):
 
 def _sub_blocks16(unpack, block_bytes: int, fmt: SubBlockFormat):
     def convert(data: np.ndarray, dtype: mx.Dtype) -> SubBlockQuantized:
-        blocks = unpack(_split_blocks(data, block_bytes))
+        blocks = _unpack_rows(data, block_bytes, unpack, fmt.bits)
         return SubBlockQuantized(
-            weight=mx.array(gguf_blocks.pack_codes(blocks.codes, fmt.bits)),
+            weight=mx.array(blocks.codes),
             scales=mx.array(blocks.sub_scales),
             d=mx.array(blocks.d),
             dmin=None if blocks.dmin is None else mx.array(blocks.dmin),
