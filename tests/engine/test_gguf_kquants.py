@@ -21,8 +21,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from mlx.utils import tree_flatten
 
-from engine.loader.gguf import load_gguf_model
 from engine.loader import gguf_tensors
+from engine.loader.gguf import load_gguf_model
 from engine.loader.gguf_blocks import pack_codes
 from engine.loader.gguf_reader import GGUFFile, GGUFFormatError
 from engine.loader.gguf_tensors import (
