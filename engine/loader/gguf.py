@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from engine.config import ConfigError, ModelConfig, RopeConfig
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
@@ -172,7 +173,26 @@ def _take_rows(value: mx.array | Quantized, rows: np.ndarray) -> mx.array | Quan
     return value[mx.array(rows)]
 
 
+K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K})
+
+
+def activation_dtype(tensors: list, dtype: mx.Dtype) -> mx.Dtype:
+    """float32 for a file with K-quant tensors, else `dtype`.
+
+    Q4_K/Q5_K scales and biases are float32 (the only exact choice), and a quantized matmul or
+    embedding with float32 scales returns float32 whatever the activations' dtype; Q6_K/Q3_K/
+    Q2_K layers compute in float32 and their embedding rows come out float32. So from the
+    embedding on such a model computes in float32 anyway; saying so makes the KV cache and every
+    layer agree instead of mixing float16 keys with float32 queries. On the CPU (float32
+    already) this changes nothing; on a GPU it costs float32 activations and KV cache.
+    """
+    if any(t.tensor_type in K_QUANTS for t in tensors):
+        return mx.float32
+    return dtype
+
+
 def load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
+    dtype = activation_dtype(open_gguf(path).tensors, dtype)
     model, meta = load_gguf_model(path, dtype)
     return LoadedModel(
         model=model,

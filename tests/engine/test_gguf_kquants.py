@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 from mlx.utils import tree_flatten
 
 from engine.loader import gguf_tensors
-from engine.loader.gguf import load_gguf_model
+from engine.loader.gguf import load_gguf, load_gguf_model
 from engine.loader.gguf_blocks import pack_codes
 from engine.loader.gguf_reader import GGUFFile, GGUFFormatError
 from engine.loader.gguf_tensors import (
@@ -114,6 +114,17 @@ def test_batched_paged_engine_gives_the_oracle_tokens(name):
             assert out.error is None, out.error
             tokens[out.request_id].extend(out.new_token_ids)
     assert tokens == {key: ref["oracle"]["ids"] for key, ref in refs.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("Q4_K_M", mx.float32), ("Q6_K", mx.float32), ("Q8_0", mx.float16)]
+)
+def test_k_quant_files_compute_in_float32(name, dtype):
+    """Float32 K-quant scales promote every activation: the model says so, for its KV cache."""
+    loaded = load_gguf(fixture(name), mx.float16)
+    assert loaded.dtype == dtype
+    hidden = loaded.model.hidden(mx.array([[1, 403]]), loaded.model.make_cache())
+    assert hidden.dtype == dtype
 
 
 def test_q4_k_m_stays_quantized_within_1_3x_the_file():
