@@ -17,6 +17,7 @@ CPU and gives the same numbers (a test checks), but is slower there than the unp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -68,18 +69,21 @@ def sub_block_affine(
 def unpack_codes(weight: mx.array, bits: int) -> mx.array:
     """MLX-packed codes uint32 [..., cols*bits/32] -> uint8 [..., cols], with plain MLX ops.
 
-    Each row is a little-endian bit stream, element j at bits [j*bits, (j+1)*bits): eight codes
-    fill exactly `bits` bytes. So the words are viewed as bytes, cut into runs of `bits` bytes,
-    and each of the eight codes of a run is shifted and masked out of its byte (and the next one
-    where it straddles). Byte arithmetic is what makes this fast on the CPU: reading the words
-    with a gather took five times as long, and MLX's own `mx.dequantize(group_size=16)` two to
-    nine times (bits 2, 3, 6).
+    Each row is a little-endian bit stream, element j at bits [j*bits, (j+1)*bits): a run of
+    `bits / g` bytes holds exactly `8 / g` codes (g = gcd(bits, 8): 4 codes in 3 bytes at 6 bits,
+    8 in 3 at 3 bits, 4 in 1 at 2 bits). So the words are viewed as bytes, cut into runs, and
+    each code of a run is shifted and masked out of its byte (and the next one where it
+    straddles). Byte arithmetic is what makes this fast on the CPU: reading the words with a
+    gather took five times as long, and MLX's own `mx.dequantize(group_size=16)` two to nine
+    times (bits 2, 3, 6).
     """
     *lead, packed = weight.shape
-    runs = mx.view(weight, mx.uint8).reshape(*lead, packed * 4 // bits, bits)  # [..., runs, bits]
+    g = math.gcd(bits, 8)
+    run_bytes, run_codes = bits // g, 8 // g
+    runs = mx.view(weight, mx.uint8).reshape(*lead, packed * 4 // run_bytes, run_bytes)
     mask = (1 << bits) - 1
     codes = []
-    for e in range(8):
+    for e in range(run_codes):
         byte, shift = divmod(e * bits, 8)
         code = runs[..., byte] >> shift
         if shift + bits > 8:
