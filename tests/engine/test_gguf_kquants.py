@@ -323,3 +323,26 @@ def test_truncated_data_names_the_file_and_the_tensor(tmp_path):
     last = max(GGUFFile(src).tensors, key=lambda t: t.data_offset)
     assert str(path) in str(caught.value) and "truncated" in str(caught.value)
     assert repr(last.name) in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q2_K"])
+def test_completions_over_http_return_the_oracle_text(name, tmp_path):
+    import httpx
+
+    from server.settings import ServerSettings
+    from server.state import ServerState
+    from tests.server.fixtures import running_server
+
+    path = fixture(name)
+    refs = json.loads(Path(f"{path}.ref.json").read_text())["prompts"]
+    settings = ServerSettings(model=str(path), data_dir=tmp_path / "data", num_blocks=64)
+    state = ServerState(settings)
+    state.start()
+    with running_server(settings, state) as url:
+        for key, ref in refs.items():
+            body = {"model": path.stem, "prompt": ref["prompt_ids"], "max_tokens": 24,
+                    "temperature": 0}  # fmt: skip
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            text = reply.json()["choices"][0]["text"]
+            assert text.strip() == ref["oracle"]["text"].strip(), key
