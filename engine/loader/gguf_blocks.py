@@ -25,6 +25,7 @@ and returns codes `[..., rows, blocks * block_elements]` (uint8) and per-block c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,13 +161,18 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes [..., cols] -> MLX's packing, uint32 [..., cols * bits / 32].
 
     MLX reads each row as one little-endian bit stream, element j at bits [j*bits, (j+1)*bits)
-    (codes of 3, 5 or 6 bits straddle words). Eight codes fill exactly `bits` bytes, so each run
-    of eight is assembled in a uint64 and its low `bits` bytes are kept.
+    (codes of 3, 5 or 6 bits straddle words). A run of 8/g codes fills exactly bits/g bytes
+    (g = gcd(bits, 8)), so each run is assembled in the smallest unsigned integer that holds it
+    (a byte at 2, 4 and 8 bits, 32 bits at 3 and 6, 64 at 5) and its low bytes are kept.
     """
     *lead, cols = codes.shape
     assert cols % 32 == 0, cols
-    eights = codes.reshape(*lead, cols // 8, 8).astype("<u8")
-    shifts = np.arange(8, dtype="<u8") * np.uint64(bits)
-    words = np.bitwise_or.reduce(eights << shifts, axis=-1)  # [..., cols/8]
-    row_bytes = words[..., None].view(np.uint8)[..., :bits]  # [..., cols/8, bits]
+    g = math.gcd(bits, 8)
+    run_codes, run_bytes = 8 // g, bits // g
+    acc = np.dtype("u1" if run_bytes == 1 else "<u4" if run_bytes <= 4 else "<u8")
+    runs = codes.reshape(*lead, cols // run_codes, run_codes)
+    word = runs[..., 0].astype(acc)
+    for e in range(1, run_codes):
+        word |= runs[..., e].astype(acc) << acc.type(e * bits)
+    row_bytes = word[..., None].view(np.uint8)[..., :run_bytes]  # [..., runs, run_bytes]
     return np.ascontiguousarray(row_bytes).reshape(*lead, cols * bits // 8).view("<u4")
