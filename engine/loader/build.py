@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.models.base import CausalLM
+from engine.models.quantized import FORMATS, sub_block_module
 from engine.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -43,13 +45,17 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 
 
 def build_model(
-    cfg: ModelConfig, weights: dict[str, mx.array], quantized_bits: dict[str, int]
+    cfg: ModelConfig,
+    weights: dict[str, mx.array],
+    quantized_bits: dict[str, int],
+    sub_blocks: dict[str, str] | None = None,
 ) -> CausalLM:
     """Instantiate the transformer and load ``weights`` (Hugging Face names) into it.
 
     ``quantized_bits`` maps a module path (``model.layers.0.mlp.up_proj``) to the bit width of
     its affine-quantized weight (group size 32); those modules become quantized layers whose
-    ``weight``/``scales``/``biases`` come from ``weights``.
+    ``weight``/``scales``/``biases`` come from ``weights``. ``sub_blocks`` maps a module path to
+    a 16-element sub-block format (``Q6_K``, ``Q3_K``, ``Q2_K``): see engine.models.quantized.
     """
     model = CausalLM(cfg)
     if quantized_bits:
@@ -60,6 +66,16 @@ def build_model(
                 if path in quantized_bits
                 else False
             ),
+        )
+    if sub_blocks:
+        model.update_modules(
+            tree_map_with_path(
+                lambda path, m: (
+                    sub_block_module(m, FORMATS[sub_blocks[path]]) if path in sub_blocks else m
+                ),
+                model.leaf_modules(),
+                is_leaf=nn.Module.is_module,
+            )
         )
     expected = dict(_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))

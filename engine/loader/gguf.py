@@ -1,5 +1,6 @@
 """GGUF files (arch llama, mistral, qwen2, qwen3): config from metadata, tensors renamed to
-Hugging Face's names, Q4_0/Q4_1/Q8_0 kept quantized, tokenizer and chat template embedded."""
+Hugging Face's names, quantized blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants Q2_K..Q6_K) kept
+quantized and exact, tokenizer and chat template embedded."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from engine.config import ConfigError, ModelConfig, RopeConfig
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
 from engine.loader.gguf_metadata import open_gguf, read_metadata
-from engine.loader.gguf_tensors import AffineQuantized, tensor_to_mlx
+from engine.loader.gguf_tensors import (
+    AffineQuantized,
+    Quantized,
+    SubBlockQuantized,
+    check_types,
+    tensor_to_mlx,
+)
 from engine.models.registry import architecture
 from engine.tokenizer import Tokenizer
 
@@ -124,9 +132,11 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         freq_factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float64).reshape(-1))
     cfg = config_from_gguf(meta, names, freq_factors)
+    check_types(path.name, reader.tensors)  # before any tensor is converted
     permuted = architecture(cfg.model_type).GGUF_QK_PERMUTED
     weights: dict[str, mx.array] = {}
     bits: dict[str, int] = {}
+    sub_blocks: dict[str, str] = {}  # module -> Q6_K / Q3_K / Q2_K
     unknown = []
     for tensor in progress(reader.tensors, desc=f"loading {path.name}", total=len(names)):
         if tensor.name == "rope_freqs.weight":
@@ -145,22 +155,44 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
             weights[f"{module}.weight"] = value.weight
             weights[f"{module}.scales"] = value.scales
             weights[f"{module}.biases"] = value.biases
+        elif isinstance(value, SubBlockQuantized):
+            sub_blocks[module] = value.fmt.name
+            weights.update({f"{module}.{k}": v for k, v in value.arrays().items()})
         else:
             weights[name] = value
     if unknown:
         raise WeightsError(
             f"{path.name} has tensors candlewick does not know: {', '.join(unknown)}"
         )
-    return build_model(cfg, weights, bits), meta
+    return build_model(cfg, weights, bits, sub_blocks=sub_blocks), meta
 
 
-def _take_rows(value: mx.array | AffineQuantized, rows: np.ndarray) -> mx.array | AffineQuantized:
-    if isinstance(value, AffineQuantized):
+def _take_rows(value: mx.array | Quantized, rows: np.ndarray) -> mx.array | Quantized:
+    if isinstance(value, (AffineQuantized, SubBlockQuantized)):
         return value.take_rows(rows)
     return value[mx.array(rows)]
 
 
+K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K})
+
+
+def activation_dtype(tensors: list, dtype: mx.Dtype) -> mx.Dtype:
+    """float32 for a file with K-quant tensors, else `dtype`.
+
+    Q4_K/Q5_K scales and biases are float32 (the only exact choice), and a quantized matmul or
+    embedding with float32 scales returns float32 whatever the activations' dtype; Q6_K/Q3_K/
+    Q2_K layers compute in float32 and their embedding rows come out float32. So from the
+    embedding on such a model computes in float32 anyway; saying so makes the KV cache and every
+    layer agree instead of mixing float16 keys with float32 queries. On the CPU (float32
+    already) this changes nothing; on a GPU it costs float32 activations and KV cache.
+    """
+    if any(t.tensor_type in K_QUANTS for t in tensors):
+        return mx.float32
+    return dtype
+
+
 def load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
+    dtype = activation_dtype(open_gguf(path).tensors, dtype)
     model, meta = load_gguf_model(path, dtype)
     return LoadedModel(
         model=model,

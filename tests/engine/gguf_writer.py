@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -50,8 +51,10 @@ def write_gguf(
     path: Path,
     qtype: gguf.GGMLQuantizationType,
     rope_freqs: np.ndarray | None = None,
+    encode: Callable[[str, np.ndarray], tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write `model` (transformers) to `path` with every 2-D weight in `qtype`.
+    """Write `model` (transformers) to `path` with every 2-D weight in `qtype`, or as
+    `encode(gguf_name, weight)` says (raw blocks and their type) where it is given.
 
     Returns the state dict as the file's numbers say it (dequantized, back in Hugging Face row
     order): the weights a correct loader computes with.
@@ -87,9 +90,13 @@ def write_gguf(
             heads = cfg.num_key_value_heads
         stored = permute(data, heads) if heads else data
         if data.ndim == 2:
-            raw = gguf.quants.quantize(stored, qtype)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
-            stored = gguf.quants.dequantize(raw, qtype).reshape(stored.shape)
+            kind = qtype
+            if encode is None:
+                raw = gguf.quants.quantize(stored, qtype)
+            else:
+                raw, kind = encode(gguf_name(name), stored)
+            w.add_tensor(gguf_name(name), raw, raw_dtype=kind)
+            stored = gguf.quants.dequantize(raw, kind).reshape(stored.shape)
         else:
             w.add_tensor(gguf_name(name), stored)
         # Back to Hugging Face row order: the permutation is its own inverse's transpose.

@@ -169,7 +169,8 @@ def test_take_rows_equals_indexing_the_dense_weight(kind, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
-    """A GGUF file with one tensor of each supported type (and a Q4_K), plus the expected values."""
+    """A GGUF file with one tensor of several supported types (and an IQ4_XS), plus the expected
+    values."""
     rng = np.random.default_rng(4)
     f32 = rng.standard_normal((5, 7)).astype(np.float32)
     f16 = rng.standard_normal((3, 40)).astype(np.float16)
@@ -183,7 +184,7 @@ def tiny_file(tmp_path_factory) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]
     q4_1 = gguf.quants.quantize(awkward_matrix(10, 128, seed=7), T.Q4_1)
     q8_1d = gguf.quants.quantize(rng.standard_normal(64).astype(np.float32), T.Q8_0)
     experts = gguf.quants.quantize(awkward_matrix(6, 64, seed=8).reshape(2, 3, 64), T.Q8_0)
-    q4_k = rng.integers(0, 256, size=(2, 144), dtype=np.uint8)
+    iq4_xs = rng.integers(0, 256, size=(2, 136), dtype=np.uint8)
     reader = write_gguf(
         tmp_path_factory.mktemp("gguf") / "tiny.gguf",
         {
@@ -196,7 +197,7 @@ def tiny_file(tmp_path_factory) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]
             "linear.q4_1": (q4_1, T.Q4_1),
             "bias.q8_0": (q8_1d, T.Q8_0),
             "experts.q8_0": (experts, T.Q8_0),
-            "blk.0.ffn_down.weight": (q4_k, T.Q4_K),
+            "blk.0.ffn_down.weight": (iq4_xs, T.IQ4_XS),
         },
     )
     expected = {
@@ -247,10 +248,12 @@ def test_unsupported_type_names_the_tensor_and_its_type(tiny_file):
         tensor_to_mlx(tensor, mx.float16)
     assert isinstance(caught.value, ValueError)
     assert str(caught.value) == (
-        "tensor 'blk.0.ffn_down.weight' has type Q4_K, which candlewick cannot load yet "
-        "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+        "tensor 'blk.0.ffn_down.weight' has type IQ4_XS, which candlewick cannot load yet "
+        "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K; "
+        "IQ and ternary types have no exact MLX encoding: use a K-quant, Q8_0 or F16 file of the "
+        "model)"
     )
-    assert (caught.value.tensor_name, caught.value.type_name) == ("blk.0.ffn_down.weight", "Q4_K")
+    assert (caught.value.tensor_name, caught.value.type_name) == ("blk.0.ffn_down.weight", "IQ4_XS")
 
 
 def default_model_file() -> Path | None:

@@ -92,7 +92,7 @@ def test_missing_paths_are_clear(tmp_path):
         load_model(tmp_path)
 
 
-def test_k_quant_tensor_names_tensor_and_type(tmp_path):
+def test_iq_quant_tensor_names_tensor_and_type(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
     w.add_block_count(1)
     w.add_context_length(64)
@@ -100,11 +100,11 @@ def test_k_quant_tensor_names_tensor_and_type(tmp_path):
     w.add_feed_forward_length(256)
     w.add_head_count(2)
     w.add_vocab_size(256)
-    block = np.zeros((256, 144), dtype=np.uint8)  # Q4_K: 144 bytes per 256 values
-    w.add_tensor("token_embd.weight", block, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    block = np.zeros((256, 136), dtype=np.uint8)  # IQ4_XS: 136 bytes per 256 values
+    w.add_tensor("token_embd.weight", block, raw_dtype=gguf.GGMLQuantizationType.IQ4_XS)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedTensorType, match=r"token_embd\.weight.*Q4_K"):
+    with pytest.raises(UnsupportedTensorType, match=r"token_embd\.weight.*IQ4_XS"):
         load_gguf_model(tmp_path / "k.gguf", mx.float32)
