@@ -51,24 +51,39 @@ class GenerationRequest:
     min_tokens: int = 0
     grammar: GrammarSpec | None = None  # the output must match it (structured output)
     grammar_field: str | None = None  # the wire field that asked for it, for errors
+    more_prompts: tuple[list[int], ...] = ()  # a batch of prompts: n choices of each, in order
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
-    """A validated request, ready for the engine: ``n`` choices of the same prompt.
+    """A validated request, ready for the engine: ``n`` choices of each of its prompts.
 
     ``model`` is the name responses and metrics carry (the base model's served name, or the
     adapter's); ``adapter`` names the adapter to pin at admission, None for the base model.
+    Choice ``i`` continues prompt ``i // n`` (OpenAI's order for a batch of prompts).
     """
 
     request_id: str
     model: str
     adapter: str | None
-    prompt_ids: list[int]
+    prompts: tuple[list[int], ...]
     params: SamplingParams
     n: int
     stop: tuple[str, ...]
     grammar: GrammarSpec | None = None  # compiled and checked; each choice gets a matcher
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The first (usually the only) prompt."""
+        return self.prompts[0]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 # -- the events of a generation, in the order they come ------------------------------------------

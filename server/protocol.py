@@ -139,12 +139,6 @@ class CompletionRequest(SamplingFields):
     def _check(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
-        if (
-            isinstance(self.prompt, list)
-            and len(self.prompt) > 1
-            and not isinstance(self.prompt[0], int)
-        ):
-            raise ValueError("one prompt per request is supported; send a string or token ids")
         if self.echo or self.suffix:
             raise ValueError("echo and suffix are not supported")
         return self

@@ -146,17 +146,20 @@ class Serving:
 
     def prepare(self, spec: GenerationRequest) -> PreparedRequest:
         """Every check that needs no resources; raises ``BadRequest`` or ``NotFound``."""
-        prompt = spec.prompt_ids
-        if not prompt:
-            raise BadRequest("the prompt is empty", param="prompt")
+        prompts = (spec.prompt_ids, *spec.more_prompts)
+        for i, prompt in enumerate(prompts):
+            where = spec.prompt_field if len(prompts) == 1 else f"{spec.prompt_field}[{i}]"
+            if not prompt:
+                raise BadRequest(f"the prompt is empty ({where})", param=where)
+            if len(prompt) >= self.max_model_len:
+                raise BadRequest(
+                    f"this model's maximum context length is {self.max_model_len} tokens; the "
+                    f"prompt has {len(prompt)} tokens",
+                    param=where,
+                    code="context_length_exceeded",
+                )
+        prompt = max(prompts, key=len)
         room = self.max_model_len - len(prompt)
-        if room <= 0:
-            raise BadRequest(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                f"has {len(prompt)} tokens",
-                param=spec.prompt_field,
-                code="context_length_exceeded",
-            )
         if spec.max_tokens is not None and spec.max_tokens > room:
             raise BadRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; you asked "
@@ -173,7 +176,7 @@ class Serving:
             request_id=f"{spec.id_prefix}-{uuid.uuid4().hex}",
             model=spec.model if spec.model not in (None, "") else self.served_name,
             adapter=self.check_model(spec.model),
-            prompt_ids=prompt,
+            prompts=prompts,
             params=params,
             n=spec.n,
             # A stop string must never cut a constrained output short of what its grammar
@@ -208,7 +211,7 @@ class Serving:
     def admit(self, prepared: PreparedRequest) -> Lease:
         """Room for the request's sequences and its adapter's pin, as one lease, now: a full
         server answers 429 before any response starts. Refused, it holds nothing."""
-        return self.admission.acquire(prepared.n, self._pin(prepared.adapter))
+        return self.admission.acquire(prepared.num_choices, self._pin(prepared.adapter))
 
     async def generate(
         self, prepared: PreparedRequest, lease: Lease
@@ -220,7 +223,7 @@ class Serving:
         The engine streams are closed first, which aborts whatever still runs.
         """
         tally = _Tally()
-        if prepared.n == 1:
+        if prepared.num_choices == 1:
             deltas = self._choice(prepared, lease, 0, tally)
         else:
             deltas = self._interleaved(prepared, lease, tally)
@@ -230,7 +233,7 @@ class Serving:
                     yield delta
         finally:
             lease.release()
-        yield TokenUsage(len(prepared.prompt_ids), tally.completion_tokens, tally.cached_tokens)
+        yield TokenUsage(prepared.num_prompt_tokens, tally.completion_tokens, tally.cached_tokens)
 
     async def _interleaved(
         self, prepared: PreparedRequest, lease: Lease, tally: _Tally
@@ -248,9 +251,9 @@ class Serving:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(prepared.n)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(prepared.num_choices)]
         try:
-            remaining = prepared.n
+            remaining = prepared.num_choices
             while remaining:
                 delta = await queue.get()
                 if delta is not None:
@@ -266,14 +269,15 @@ class Serving:
 
     def _engine_request(self, prepared: PreparedRequest, lease: Lease, index: int) -> EngineRequest:
         """The one place an ``EngineRequest`` is built: choice ``index`` of ``prepared``, on the
-        adapter version its lease pinned. Seeded choices of n > 1 get seeds seed, seed+1, ..."""
+        adapter version its lease pinned. Seeded choices of n > 1 get seeds seed, seed+1, ...
+        (for each prompt of a batch alike)."""
         params = prepared.params
         if prepared.n > 1 and params.seed is not None:
-            params = replace(params, seed=params.seed + index)
+            params = replace(params, seed=params.seed + index % prepared.n)
         adapter = lease.adapter
         return EngineRequest(
             request_id=f"{prepared.request_id}-{index}",
-            prompt_token_ids=prepared.prompt_ids,
+            prompt_token_ids=prepared.prompts[index // prepared.n],
             sampling_params=params,
             eos_token_ids=self.eos_ids,
             arrival_time=time.monotonic(),
@@ -302,8 +306,9 @@ class Serving:
                 if out.new_token_ids:
                     _observe_tokens(series, out, generated, now - start, now - last)
                     last = now
-                if generated == 0 and index == 0:
-                    self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt_ids))
+                if generated == 0 and index % prepared.n == 0:
+                    prompt = prepared.prompts[index // prepared.n]
+                    self.metrics.prompt_tokens.labels(model).inc(len(prompt))
                 generated += len(out.new_token_ids)
                 delta = "".join(text.add(t) for t in _visible(out, params))
                 finish = out.finish_reason

@@ -110,11 +110,13 @@ async def chunks(
     include_usage: bool,
     tools: ToolUse | None = None,
 ) -> AsyncGenerator[str, None]:
-    for i in range(reply.prepared.n):
+    for i in range(reply.prepared.num_choices):
         role = DeltaMessage(role="assistant", content="")
         yield _chunk(reply, [ChatChunkChoice(index=i, delta=role)])
     calls = (
-        [CallStream(tools.parser.streaming()) for _ in range(reply.prepared.n)] if tools else None
+        [CallStream(tools.parser.streaming()) for _ in range(reply.prepared.num_choices)]
+        if tools
+        else None
     )
     async for event in events:
         if isinstance(event, ChoiceDelta) and calls is not None:

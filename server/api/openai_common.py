@@ -164,7 +164,7 @@ async def respond(
         with lease:
             events = serving.generate(prepared, lease)
             try:
-                got = await unless_disconnected(request, collect(events, prepared.n))
+                got = await unless_disconnected(request, collect(events, prepared.num_choices))
             except ClientDisconnected:
                 return Response(status_code=499)  # nobody is listening
         return JSONResponse(whole(Reply(serving, prepared), got).model_dump())

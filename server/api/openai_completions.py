@@ -5,6 +5,7 @@ visible delta, then the usage)."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request, Response
 
@@ -29,27 +30,35 @@ from server.protocol import (
 from server.serving import Serving
 
 
-def prompt_ids(serving: Serving, body: CompletionRequest) -> list[int]:
-    """A string, or token ids; a batch of one ([[ids]] or [string]) is that one prompt."""
+def prompts(serving: Serving, body: CompletionRequest) -> list[list[int]]:
+    """Each prompt as token ids: a string, token ids, or a batch of either (served as OpenAI
+    does: n choices of each prompt, in order)."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return serving.tokenizer.encode(prompt)
-    return serving.token_prompt(prompt, "prompt")
+    batch = (
+        prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        else [prompt]
+    )
+    out = []
+    for i, p in enumerate(batch):
+        where = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+        out.append(
+            serving.tokenizer.encode(p) if isinstance(p, str) else serving.token_prompt(p, where)
+        )
+    return out
 
 
 async def create(body: CompletionRequest, request: Request, serving: Serving) -> Response:
+    first, *more = prompts(serving, body)
     spec = generation_request(
         body,
-        prompt_ids(serving, body),
+        first,
         id_prefix="cmpl",
         prompt_field="prompt",
         max_tokens=body.max_tokens,
         logprobs=body.logprobs,
     )
+    spec = replace(spec, more_prompts=tuple(more))
     return await respond(request, serving, body, serving.prepare(spec), chunks, response)
 
 
@@ -69,7 +78,9 @@ def response(reply: Reply, got: Collected) -> CompletionResponse:
 async def chunks(
     reply: Reply, events: AsyncIterator[GenerationEvent], include_usage: bool
 ) -> AsyncGenerator[str, None]:
-    offsets = [0] * reply.prepared.n  # each choice's text so far, for logprobs' text_offset
+    offsets = [
+        0
+    ] * reply.prepared.num_choices  # each choice's text so far, for logprobs' text_offset
     async for event in events:
         if isinstance(event, ChoiceDelta):
             parts = split_finish(event) if event.text and event.finish_reason else (event,)

@@ -302,3 +302,22 @@ def test_every_spec_metric_is_exposed_with_its_type(client, served):
     assert re.search(
         rf'candlewick_time_to_first_token_seconds_count{{model="{MODEL}"}} [1-9]', text
     )
+
+
+def test_a_batch_of_prompts_is_n_choices_of_each_in_order(client):
+    prompts = ["hello there", "a b c", "Hi"]
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    r = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, c in enumerate(r.choices):
+        assert c.text == alone[i // 2].choices[0].text, i
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    stream = client.completions.create(prompt=prompts, stream=True, **kw)
+    texts = ["", "", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [a.choices[0].text for a in alone]
+    ids = client.completions.create(prompt=[[72, 105], [97, 32, 98]], **kw)
+    assert ids.choices[0].text == alone[2].choices[0].text and len(ids.choices) == 2
