@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     loaded = load_model(args.model or default_model_path())
-    core = EngineCore(loaded.model, EngineConfig(max_num_seqs=args.streams), loaded.dtype)
+    # No prefix caching: both loads use the same prompts, and neither may reuse the other's.
+    config = EngineConfig(max_num_seqs=args.streams, enable_prefix_caching=False)
+    core = EngineCore(loaded.model, config, loaded.dtype)
     eos = sorted(frozenset(loaded.tokenizer.eos_token_ids) | frozenset(loaded.config.eos_token_ids))
     t = time.perf_counter()
     compiler = GrammarCompiler(loaded.tokenizer.backend.to_str(), loaded.config.vocab_size, eos)
