@@ -149,13 +149,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """BLAS threads when the user set none: every usable core but one, which stays with the
+    Python thread (HTTP, tokenizing, detokenizing) while the BLAS runs on MLX's stream thread
+    and its own workers. On 2 cores that is 1: OpenBLAS with 2 threads there served 1.8 tok/s
+    against 8.9 with 1 (docs/benchmarks.md): its workers spin and crowd out the Python thread."""
+    return max(1, usable_cores() - 1)
+
+
 def plan_preload(
     environ: Mapping[str, str], candidate: BlasCandidate | None, preloaded: bool
 ) -> dict[str, str] | None:
     """The environment to re-execute with, or None when this process should run as it is: not
     Linux, already re-executed (MARKER), a CBLAS already in the global scope (``preloaded``: the
     user's LD_PRELOAD), or nothing to preload. Threads: the library's own variable, when unset,
-    becomes the number of usable cores."""
+    becomes `default_threads()`."""
     if not sys.platform.startswith("linux") or environ.get(MARKER) or preloaded:
         return None
     if candidate is None or not candidate.path.is_file():
@@ -168,7 +176,7 @@ def plan_preload(
         dirs.insert(0, str(alias_dir(candidate.aliases)))
     if dirs:
         env["LD_LIBRARY_PATH"] = ":".join([*dirs, *filter(None, [environ.get("LD_LIBRARY_PATH")])])
-    env.setdefault(candidate.threads_env, str(usable_cores()))
+    env.setdefault(candidate.threads_env, str(default_threads()))
     return env
 
 
@@ -212,7 +220,7 @@ class BlasReport:
                 line = f"candlewick: warning: slow CPU matmuls ({rate}, MLX's bundled reference "
                 line += f"BLAS); for a real BLAS run: {self.fix}"
             return line
-        threads = f", {self.threads} threads" if self.threads else ""
+        threads = f", {self.threads} thread{'s' * (self.threads != 1)}" if self.threads else ""
         return (
             f"candlewick: cpu blas: {self.library} ({self.source}{threads}), {rate} [{self.path}]"
         )
