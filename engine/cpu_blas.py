@@ -126,8 +126,10 @@ def alias_dir(aliases: tuple[tuple[str, Path], ...]) -> Path:
     """A folder of links named as a library's dependencies ask (libgfortran.so.5) to the files
     that provide them under another name, for LD_LIBRARY_PATH. Kept in the user's cache."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    for folder in (cache / "candlewick" / "blas-libs", Path(tempfile.mkdtemp("-candlewick"))):
+    folders = (cache / "candlewick" / "blas-libs", lambda: Path(tempfile.mkdtemp("-candlewick")))
+    for folder in folders:
         try:
+            folder = folder() if callable(folder) else folder
             folder.mkdir(parents=True, exist_ok=True)
             for name, target in aliases:
                 link = folder / name
@@ -185,7 +187,13 @@ def reexec_with_blas() -> None:
     is nothing to do). Call before anything imports MLX."""
     environ = os.environ
     candidate = find_blas(environ, *default_locations())
-    env = plan_preload(environ, candidate, preloaded=global_cblas() is not None)
+    if candidate and candidate.source == "CANDLEWICK_BLAS" and not candidate.path.is_file():
+        raise FileNotFoundError(f"CANDLEWICK_BLAS={candidate.path}: no such library file")
+    try:
+        env = plan_preload(environ, candidate, preloaded=global_cblas() is not None)
+    except OSError as e:  # no folder for the library links: run on, and `check` says so
+        print(f"candlewick: cannot preload {candidate.path}: {e}", file=sys.stderr)
+        return
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -257,11 +265,10 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
         source = environ.get(MARKER) or "LD_PRELOAD"
         library, threads = describe_library(path)
     off = environ.get("CANDLEWICK_BLAS", "").strip().lower() in OFF
-    fix = (
-        None
-        if source != "bundled" or off
-        else fix_command(find_blas(environ, *default_locations()))
-    )
+    # A library found but not loaded: this process did not start through the CLI, or (MARKER
+    # set) its preload failed; then installing it afresh is the fix to offer.
+    found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
+    fix = None if source != "bundled" or off else fix_command(found)
     _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix)
     return _report
 

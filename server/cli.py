@@ -201,9 +201,9 @@ def _use_real_blas() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None and args.command in ("serve", "generate"):
-        _use_real_blas()
     try:
+        if argv is None and args.command in ("serve", "generate"):
+            _use_real_blas()
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:
         # Bad input (a missing model, an unsupported config, a template error): a message, not

@@ -148,3 +148,13 @@ def test_a_blas_the_user_preloaded_is_kept(tmp_path):
     out = generate_missing_model(env)
     assert out.returncode == 2 and len(starts.read_text().splitlines()) == 1
     assert "(LD_PRELOAD" in out.stderr and str(FOUND.path) in out.stderr
+
+
+@linux
+def test_candlewick_blas_naming_a_missing_file_is_an_error(tmp_path):
+    env, starts = cli_env(tmp_path, CANDLEWICK_BLAS=str(tmp_path / "libnothing.so"))
+    out = generate_missing_model(env)
+    assert out.returncode == 2 and starts.read_text().splitlines() == [""]
+    assert out.stderr.strip() == (
+        f"candlewick: error: CANDLEWICK_BLAS={tmp_path / 'libnothing.so'}: no such library file"
+    )
