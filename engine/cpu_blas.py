@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def _system(system_dirs: Sequence[Path]) -> BlasCandidate | None:
     return None
 
 
-def _first(folders):
+def _first(folders: Iterable[Path]) -> Callable[[str], Path | None]:
     """A finder: the first file matching a pattern in the first folder that has one."""
     folders = list(folders)
 
@@ -154,8 +154,8 @@ def usable_cores() -> int:
 def default_threads() -> int:
     """BLAS threads when the user set none: every usable core but one, which stays with the
     Python thread (HTTP, tokenizing, detokenizing) while the BLAS runs on MLX's stream thread
-    and its own workers. On 2 cores that is 1: OpenBLAS with 2 threads there served 1.8 tok/s
-    against 8.9 with 1 (docs/benchmarks.md): its workers spin and crowd out the Python thread."""
+    and its own workers. On 2 cores that is 1: OpenBLAS with 2 threads there served 2.1 tok/s
+    against 15.9 with 1 (docs/benchmarks.md): its workers spin and crowd out the Python thread."""
     return max(1, usable_cores() - 1)
 
 
