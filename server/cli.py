@@ -189,9 +189,22 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_real_blas() -> None:
+    """On Linux, run this command again with a real BLAS preloaded under MLX (once), then say
+    which BLAS runs and how fast. Only for the process's own command line (argv is None)."""
+    from engine import cpu_blas
+
+    cpu_blas.reexec_with_blas()
+    report = cpu_blas.check()
+    if report is not None:
+        print(report.summary(), file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if argv is None and args.command in ("serve", "generate"):
+            _use_real_blas()
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:
         # Bad input (a missing model, an unsupported config, a template error): a message, not

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine import cpu_blas
 from server.routes.deps import state_of
 
 router = APIRouter()
@@ -20,7 +21,8 @@ async def health(request: Request) -> Response:
     if not state.ready:
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    blas = cpu_blas.current_report()  # which BLAS the CPU's matmuls run on (Linux)
+    return JSONResponse({"status": "ok"} | ({"cpu_blas": blas.as_dict()} if blas else {}))
 
 
 @router.get("/metrics")
