@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +13,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.loader.quantize import QuantSpec
 from engine.models.base import CausalLM
 from engine.tokenizer import Tokenizer
 
@@ -43,22 +44,21 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 
 
 def build_model(
-    cfg: ModelConfig, weights: dict[str, mx.array], quantized_bits: dict[str, int]
+    cfg: ModelConfig, weights: dict[str, mx.array], quantized: Mapping[str, QuantSpec]
 ) -> CausalLM:
     """Instantiate the transformer and load ``weights`` (Hugging Face names) into it.
 
-    ``quantized_bits`` maps a module path (``model.layers.0.mlp.up_proj``) to the bit width of
-    its affine-quantized weight (group size 32); those modules become quantized layers whose
-    ``weight``/``scales``/``biases`` come from ``weights``.
+    ``quantized`` maps a module path (``model.layers.0.mlp.up_proj``) to the affine setting of
+    its weight (bits, group size); those modules become quantized layers (``QuantizedLinear``,
+    or ``QuantizedEmbedding``, whose ``as_linear`` serves a tied head) whose
+    ``weight``/``scales``/``biases`` come from ``weights``. The rest stay float.
     """
     model = CausalLM(cfg)
-    if quantized_bits:
+    if quantized:
         nn.quantize(
             model,
             class_predicate=lambda path, _: (
-                {"group_size": 32, "bits": quantized_bits[path], "mode": "affine"}
-                if path in quantized_bits
-                else False
+                quantized[path].as_dict() if path in quantized else False
             ),
         )
     expected = dict(_flatten(model.parameters()))

@@ -14,6 +14,7 @@ from engine.config import ConfigError, ModelConfig, RopeConfig
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
 from engine.loader.gguf_metadata import open_gguf, read_metadata
 from engine.loader.gguf_tensors import AffineQuantized, tensor_to_mlx
+from engine.loader.quantize import QuantSpec
 from engine.models.registry import architecture
 from engine.tokenizer import Tokenizer
 
@@ -126,7 +127,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
     cfg = config_from_gguf(meta, names, freq_factors)
     permuted = architecture(cfg.model_type).GGUF_QK_PERMUTED
     weights: dict[str, mx.array] = {}
-    bits: dict[str, int] = {}
+    specs: dict[str, QuantSpec] = {}
     unknown = []
     for tensor in progress(reader.tensors, desc=f"loading {path.name}", total=len(names)):
         if tensor.name == "rope_freqs.weight":
@@ -141,7 +142,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
             value = _take_rows(value, unpermute_rows(heads, value.shape[0]))
         module = name.rpartition(".")[0]
         if isinstance(value, AffineQuantized):
-            bits[module] = value.bits
+            specs[module] = QuantSpec(value.bits, value.group_size)
             weights[f"{module}.weight"] = value.weight
             weights[f"{module}.scales"] = value.scales
             weights[f"{module}.biases"] = value.biases
@@ -151,7 +152,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
         raise WeightsError(
             f"{path.name} has tensors candlewick does not know: {', '.join(unknown)}"
         )
-    return build_model(cfg, weights, bits), meta
+    return build_model(cfg, weights, specs), meta
 
 
 def _take_rows(value: mx.array | AffineQuantized, rows: np.ndarray) -> mx.array | AffineQuantized:

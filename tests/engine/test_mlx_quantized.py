@@ -1,0 +1,95 @@
+"""MLX-quantized folders written by mlx-lm itself, and float folders quantized while loading:
+our logits against mlx-lm's forward pass on the same folder, for every architecture."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from engine.loader.hf import load_hf_model
+from engine.loader.quantize import QuantSpec
+from tests.engine.mlx_reference import assert_logits_match, mlx_lm_greedy, mlx_quantize
+from tests.engine.test_models_vs_transformers import our_greedy
+from tests.engine.tiny_models import VOCAB, build_tiny
+
+pytest.importorskip("torch")
+pytest.importorskip("mlx_lm")
+
+STEPS = 16
+# mlx-lm's llama ignores a sliding window the config does not spell as layer_types; a window
+# wider than the test's sequences keeps the comparison about quantization.
+# Its llama3 RoPE differs from transformers' at this tiny config's scale, so the tied-head case
+# is a plain llama with tied embeddings.
+OVERRIDES = {"mistral": {"sliding_window": 64}, "tied": {"tie_word_embeddings": True}}
+
+CASES = [
+    # (tiny architecture, bits, group size, mlx-lm recipe)
+    ("llama", 4, 64, None),
+    ("tied", 8, 32, None),  # a quantized tied head: the embedding's as_linear
+    ("mistral", 6, 64, None),
+    ("qwen2", 3, 32, None),
+    ("qwen3", 5, 128, None),  # 64-wide inputs do not fit group 128: those stay float
+    ("qwen2", 2, 64, None),
+    ("llama", 3, 64, "mixed_3_6"),  # per-module overrides: 6-bit v/down/lm_head, 3-bit rest
+]
+
+
+def prompt() -> list[int]:
+    return np.random.default_rng(3).integers(3, VOCAB, size=12).tolist()
+
+
+@pytest.mark.parametrize(("arch", "bits", "group", "recipe"), CASES, ids=str)
+def test_mlx_lm_quantized_folder_matches_mlx_lm(arch, bits, group, recipe, tmp_path):
+    build_tiny("llama" if arch == "tied" else arch, tmp_path / "float", **OVERRIDES.get(arch, {}))
+    folder = mlx_quantize(tmp_path / "float", tmp_path / "q", bits, group, recipe)
+    ref_tokens, ref_logits = mlx_lm_greedy(folder, prompt(), STEPS)
+
+    model = load_hf_model(folder, mx.float32)
+    tokens, logits = our_greedy(model, prompt(), STEPS)
+
+    assert len(set(ref_tokens)) > 2, "degenerate reference: the test would prove little"
+    assert_logits_match(logits, ref_logits)
+    assert tokens == ref_tokens
+    # Kept quantized in memory, at the setting mlx-lm chose per module.
+    layer = model.model.layers[0]
+    if group == 128:  # 64-wide inputs stay float, 128-wide ones are quantized
+        assert isinstance(model.model.embed_tokens, nn.Embedding)
+        assert isinstance(layer.mlp.up_proj, nn.Linear)
+        quantized = layer.mlp.down_proj
+    else:
+        assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+        quantized = layer.mlp.up_proj
+    assert isinstance(quantized, nn.QuantizedLinear)
+    assert (quantized.bits, quantized.group_size) == (bits, group)
+    if recipe:
+        # The recipe gives the last layer's v/down projections and the head 6 bits.
+        last = model.model.layers[-1]
+        assert last.mlp.down_proj.bits == 6 and last.self_attn.v_proj.bits == 6
+        assert layer.mlp.down_proj.bits == 3 and model.lm_head.bits == 6
+
+
+@pytest.mark.parametrize(("arch", "bits", "group"), [("llama", 4, 64), ("qwen2", 8, 32)])
+def test_quantize_at_load_equals_mlx_lm_quantize_model(arch, bits, group, tmp_path):
+    build_tiny(arch, tmp_path / "float")
+    folder = mlx_quantize(tmp_path / "float", tmp_path / "q", bits, group)
+    stored = load_hf_model(folder, mx.float32)
+    at_load = load_hf_model(tmp_path / "float", mx.float32, QuantSpec(bits, group))
+
+    ours = dict(_flat(at_load.parameters()))
+    theirs = dict(_flat(stored.parameters()))
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert np.array_equal(np.array(ours[name]), np.array(value)), name
+    tokens_a, logits_a = our_greedy(at_load, prompt(), 8)
+    tokens_b, logits_b = our_greedy(stored, prompt(), 8)
+    assert tokens_a == tokens_b
+    for a, b in zip(logits_a, logits_b, strict=True):
+        assert np.array_equal(a, b)
+
+
+def _flat(tree, prefix=""):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree, prefix)
