@@ -65,7 +65,7 @@ class ServerState:
     def start(self, loaded: LoadedModel | None = None) -> None:
         """Load the model (unless given) and start the engine; called once, off the loop."""
         s = self.settings
-        loaded = loaded or load_model(s.model)
+        loaded = loaded or load_model(s.model, quantize=s.quantize_spec)
         config = EngineConfig(
             max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
