@@ -226,7 +226,10 @@ def _quantized_problems(
         )
         return
     if weight.dtype != mx.uint32:
-        yield f"{weight.file}: {path}.weight is {weight.dtype}, packed {how} weights are uint32"
+        yield (
+            f"{weight.file}: {path}.weight is {_name(weight.dtype)}, packed {how} weights are "
+            "uint32"
+        )
     elif weight.shape != spec.packed_shape(out_f, in_f):
         yield (
             f"{weight.file}: {path}.weight has packed shape {weight.shape}, {how} needs "
@@ -238,7 +241,7 @@ def _quantized_problems(
         if tensor is None:
             yield f"{weight.file}: {path}.{leaf} is missing ({how} needs {want})"
         elif not mx.issubdtype(tensor.dtype, mx.floating):
-            yield f"{tensor.file}: {path}.{leaf} is {tensor.dtype}, it must be floating point"
+            yield f"{tensor.file}: {path}.{leaf} is {_name(tensor.dtype)}, not floating point"
         elif tensor.shape != want:
             yield f"{tensor.file}: {path}.{leaf} has shape {tensor.shape}, {how} needs {want}"
 
@@ -283,6 +286,10 @@ def module_specs(model: nn.Module) -> dict[str, QuantSpec]:
         for path, m in model.named_modules()
         if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)
     }
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def _listed(values: tuple[int, ...]) -> str:
