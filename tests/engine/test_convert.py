@@ -156,3 +156,21 @@ def test_convert_command(tmp_path):
         [*run, "--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "pass --quantize" in bad.stderr
+
+
+def test_generate_command_quantizes_at_load(tmp_path):
+    base = write_tiny_model(tmp_path / "base")
+    q8 = convert(base, tmp_path / "q8", QuantSpec(8, 32))
+
+    def generate(model: Path, *flags: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "generate", "--model", str(model),
+             "--prompt", "hello", "--max-tokens", "12", *flags],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    at_load = generate(base, "--quantize", "q8", "--quantize-group-size", "32")
+    assert at_load == generate(q8)
+    assert at_load != generate(base, "--quantize", "q2")

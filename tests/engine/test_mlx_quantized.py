@@ -93,3 +93,22 @@ def _flat(tree, prefix=""):
     from mlx.utils import tree_flatten
 
     return tree_flatten(tree, prefix)
+
+
+def test_quantize_at_load_streams_one_tensor_at_a_time(tmp_path):
+    """Peak memory while loading is the quantized model plus one float tensor, not the float
+    model: each tensor is read, quantized and released before the next."""
+    from mlx.utils import tree_flatten
+
+    build_tiny("llama", tmp_path, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+               vocab_size=4096)  # fmt: skip
+    float_bytes = (tmp_path / "model.safetensors").stat().st_size
+    largest = 4096 * 256 * 4  # the float32 embedding (and head)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model = load_hf_model(tmp_path, mx.float32, QuantSpec(4, 64))
+    peak = mx.get_peak_memory() - before
+    quantized = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert quantized < float_bytes / 6
+    assert peak <= quantized + 1.1 * largest, (peak, quantized, largest)
