@@ -2,7 +2,8 @@
 
 The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) is dequantized exactly to a float32
 Hugging Face folder; that float model is the reference. candlewick then quantizes the folder
-while loading (q8 and q4, group 64, mlx-lm's choice of modules), and mlx-lm's own
+while loading (q8 and q4, group 64, mlx-lm's choice of modules; also q4 with group 32), and
+mlx-lm's own
 `quantize_model` quantizes the same folder, which mlx-lm's forward pass then scores. Every model
 reads the same text (tests/data/prose.txt, prose written for this repository) as one sequence;
 perplexity is exp of the mean negative log-likelihood of each token given the ones before it.
@@ -79,6 +80,10 @@ def measure(work: Path, max_tokens: int | None = None, with_mlx_lm: bool = True)
         if with_mlx_lm:
             folder = mlx_lm_quantized(float_folder, work / f"mlx-q{bits}", bits, 64)
             ppl[f"mlx-lm q{bits}"] = mlx_lm_ppl(folder, tokens)
+    # Group 32 is the GGUF's own block: q4 then lands back on most of Q4_1's grid.
+    ppl["candlewick q4 g32"] = ours(
+        load_hf_model(float_folder, mx.float32, QuantSpec(4, 32)), tokens
+    )
     size = result["weight_bytes"]
     size["float16"] = weight_bytes(load_hf_model(float_folder, mx.float16))
     for bits in (8, 4):

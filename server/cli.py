@@ -9,6 +9,10 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.loader.quantize import QuantSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +136,7 @@ def _quantize_flags(p: argparse.ArgumentParser, default: str | None, group_defau
     )
 
 
-def _quantize_spec(args: argparse.Namespace):
+def _quantize_spec(args: argparse.Namespace) -> QuantSpec | None:
     from engine.loader.quantize import quantize_choice
 
     return quantize_choice(args.quantize, args.quantize_group_size) if args.quantize else None
