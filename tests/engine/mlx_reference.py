@@ -10,14 +10,22 @@ import numpy as np
 
 
 def mlx_quantize(
-    src: Path, out: Path, bits: int, group_size: int, recipe: str | None = None
+    src: Path,
+    out: Path,
+    bits: int,
+    group_size: int,
+    recipe: str | None = None,
+    dtype: mx.Dtype | None = None,
 ) -> Path:
     """mlx-lm's own quantization of the float folder ``src`` (its `quantize_model`, with one of
-    its mixed recipes if given), saved as mlx-lm saves it."""
+    its mixed recipes if given, after casting to ``dtype`` as its convert does), saved as
+    mlx-lm saves it."""
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     model, config = load_model(src)
+    if dtype is not None:
+        model.set_dtype(dtype)
     predicate = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     save_model(out, model)
@@ -25,12 +33,17 @@ def mlx_quantize(
     return out
 
 
-def mlx_lm_greedy(folder: Path, prompt: list[int], steps: int) -> tuple[list[int], list]:
-    """mlx-lm's model on ``folder``: greedy tokens and the logits of every forward call."""
+def mlx_lm_greedy(
+    folder: Path, prompt: list[int], steps: int, dtype: mx.Dtype | None = None
+) -> tuple[list[int], list]:
+    """mlx-lm's model on ``folder`` (its float tensors, scales and biases cast to ``dtype``):
+    greedy tokens and the logits of every forward call."""
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     model, _ = load_model(folder)
+    if dtype is not None:
+        model.set_dtype(dtype)
     return greedy_with(model, make_prompt_cache(model), prompt, steps)
 
 

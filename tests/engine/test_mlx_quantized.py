@@ -70,6 +70,33 @@ def test_mlx_lm_quantized_folder_matches_mlx_lm(arch, bits, group, recipe, tmp_p
         assert layer.mlp.down_proj.bits == 3 and model.lm_head.bits == 6
 
 
+def test_bfloat16_scales_load_as_mlx_lm_reads_them(tmp_path):
+    """Published MLX folders store scales and biases in bfloat16; on the CPU we compute in
+    float32, so the reference is mlx-lm's model on the same folder cast to float32."""
+    build_tiny("qwen3", tmp_path / "float")
+    folder = mlx_quantize(tmp_path / "float", tmp_path / "q", 4, 32, dtype=mx.bfloat16)
+    assert mx.load(str(folder / "model.safetensors"))["model.norm.weight"].dtype == mx.bfloat16
+    ref_tokens, ref_logits = mlx_lm_greedy(folder, prompt(), STEPS, dtype=mx.float32)
+    tokens, logits = our_greedy(load_hf_model(folder, mx.float32), prompt(), STEPS)
+    assert_logits_match(logits, ref_logits)
+    assert tokens == ref_tokens
+
+
+def test_a_quantization_config_alone_is_read(tmp_path):
+    """Folders that kept only Hugging Face's spelling (`quantization_config`) load the same."""
+    import json
+
+    build_tiny("llama", tmp_path / "float")
+    folder = mlx_quantize(tmp_path / "float", tmp_path / "q", 4, 64)
+    both = our_greedy(load_hf_model(folder, mx.float32), prompt(), 4)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization"]
+    (folder / "config.json").write_text(json.dumps(config))
+    alone = our_greedy(load_hf_model(folder, mx.float32), prompt(), 4)
+    assert both[0] == alone[0]
+    assert all(np.array_equal(a, b) for a, b in zip(both[1], alone[1], strict=True))
+
+
 @pytest.mark.parametrize(("arch", "bits", "group"), [("llama", 4, 64), ("qwen2", 8, 32)])
 def test_quantize_at_load_equals_mlx_lm_quantize_model(arch, bits, group, tmp_path):
     build_tiny(arch, tmp_path / "float")
