@@ -16,17 +16,19 @@ def mlx_quantize(
     group_size: int,
     recipe: str | None = None,
     dtype: mx.Dtype | None = None,
+    predicate=None,
 ) -> Path:
     """mlx-lm's own quantization of the float folder ``src`` (its `quantize_model`, with one of
-    its mixed recipes if given, after casting to ``dtype`` as its convert does), saved as
-    mlx-lm saves it."""
+    its mixed recipes or a ``predicate(path, module)`` if given, after casting to ``dtype`` as
+    its convert does), saved as mlx-lm saves it."""
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     model, config = load_model(src)
     if dtype is not None:
         model.set_dtype(dtype)
-    predicate = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
+    if recipe:
+        predicate = mixed_quant_predicate_builder(recipe, model, group_size)
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     save_model(out, model)
     save_config(config, out / "config.json")

@@ -82,6 +82,27 @@ def test_bfloat16_scales_load_as_mlx_lm_reads_them(tmp_path):
     assert tokens == ref_tokens
 
 
+def test_modules_marked_false_stay_float(tmp_path):
+    """Mixed recipes of other tools map modules to `false`; mlx-lm reads that as "float"."""
+    import json
+
+    build_tiny("qwen2", tmp_path / "float")
+    folder = mlx_quantize(
+        tmp_path / "float", tmp_path / "q", 4, 64, predicate=lambda p, _: "down_proj" not in p
+    )
+    config = json.loads((folder / "config.json").read_text())
+    for i in range(2):
+        config["quantization"][f"model.layers.{i}.mlp.down_proj"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    ref_tokens, ref_logits = mlx_lm_greedy(folder, prompt(), STEPS)
+    model = load_hf_model(folder, mx.float32)
+    tokens, logits = our_greedy(model, prompt(), STEPS)
+    assert_logits_match(logits, ref_logits)
+    assert tokens == ref_tokens
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].mlp.up_proj, nn.QuantizedLinear)
+
+
 def test_a_quantization_config_alone_is_read(tmp_path):
     """Folders that kept only Hugging Face's spelling (`quantization_config`) load the same."""
     import json
