@@ -11,13 +11,20 @@ so every id the model can sample decodes to text.
 
     python -m loadtests.make_model --preset llama3-8b --out /tmp/llama3-8b-random
     python -m loadtests.make_model --preset tiny --out /tmp/tiny      # CPU smoke test
+    python -m loadtests.make_model --preset llama3-8b-q4 --out /tmp/llama3-8b-q4
+
+A `-q4` / `-q8` preset is the same model MLX-quantized (affine, group 64, mlx-lm's choice of
+modules): the bf16 folder is written beside the output, then `candlewick convert` streams it
+into the quantized folder and the bf16 one is removed. mlx_lm.server loads it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Iterator
@@ -65,6 +72,7 @@ class Preset:
     tied: bool = False
     qkv_bias: bool = False
     extra: tuple[tuple[str, Any], ...] = ()
+    quantize: str | None = None  # q4, q8: written MLX-quantized (group 64)
 
     @property
     def head_dim(self) -> int:
@@ -101,6 +109,11 @@ PRESETS: dict[str, Preset] = {
         extra=QWEN_WINDOW,
     ),
 }  # fmt: skip
+PRESETS |= {
+    f"{name}-{q}": dataclasses.replace(p, quantize=q)
+    for name, p in list(PRESETS.items())
+    for q in ("q4", "q8")
+}
 
 
 def tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
@@ -277,8 +290,34 @@ def make_model(preset: str, out: Path, seed: int = 0, std: float = 0.02, workers
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.safetensors"):
         old.unlink()
-    write_configs(out, p, build_tokenizer(p))
-    return write_weights(out, p, seed, std, workers)
+    if p.quantize is None:
+        write_configs(out, p, build_tokenizer(p))
+        return write_weights(out, p, seed, std, workers)
+    return _make_quantized(p, out, seed, std, workers)
+
+
+def _make_quantized(p: Preset, out: Path, seed: int, std: float, workers: int) -> int:
+    """The float preset beside ``out``, converted into ``out``; returns the weight bytes."""
+    from engine.loader.convert import convert
+    from engine.loader.quantize import quantize_choice
+
+    float_folder = out.with_name(f"{out.name}.bf16")
+    converted = out.with_name(f"{out.name}.converted")
+    for tmp in (float_folder, converted):
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        float_folder.mkdir()
+        float_p = dataclasses.replace(p, quantize=None)
+        write_configs(float_folder, float_p, build_tokenizer(float_p))
+        write_weights(float_folder, float_p, seed, std, workers)
+        convert(float_folder, converted, quantize_choice(p.quantize))
+        for path in converted.iterdir():
+            path.replace(out / path.name)
+    finally:
+        for tmp in (float_folder, converted):
+            shutil.rmtree(tmp, ignore_errors=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    return int(index["metadata"]["total_size"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 8, help="drawing threads")
     args = ap.parse_args(argv)
     total = make_model(args.preset, args.out, args.seed, args.std, args.workers)
-    print(f"{args.out}: {args.preset}, {total / 1e9:.2f} GB of bf16 weights")
+    kind = PRESETS[args.preset].quantize or "bf16"
+    print(f"{args.out}: {args.preset}, {total / 1e9:.2f} GB of {kind} weights")
     return 0
 
 

@@ -11,6 +11,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.loader.quantize import QuantSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    _quantize_flags(gen, default=None, group_default="64")
     gen.set_defaults(run=run_generate)
 
     srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -95,8 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="the only folder /v1/load_lora_adapter may read adapters from",
     )
     srv.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", "30"))
+    _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     srv.set_defaults(run=run_serve)
+
+    conv = commands.add_parser(
+        "convert", help="write a float folder or a .gguf file as an MLX-quantized folder"
+    )
+    conv.add_argument(
+        "--model", help="a float Hugging Face folder or a .gguf file (default: SmolLM2)"
+    )
+    conv.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    conv.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="float tensors, scales and biases (default: the folder's torch_dtype; float16 "
+        "for GGUF)",
+    )
+    _quantize_flags(conv, default=None, group_default="64")
+    conv.set_defaults(run=run_convert)
     return parser
+
+
+def _quantize_flags(p: argparse.ArgumentParser, default: str | None, group_default: str) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=("q2", "q3", "q4", "q5", "q6", "q8"),
+        default=default,
+        help="quantize the float weights to this many bits (MLX affine, mlx-lm's choice of "
+        "modules) while loading",
+    )
+    p.add_argument(
+        "--quantize-group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=group_default,
+        help="weights sharing one scale and bias (default 64, as mlx-lm)",
+    )
+
+
+def _quantize_spec(args: argparse.Namespace) -> QuantSpec | None:
+    from engine.loader.quantize import quantize_choice
+
+    return quantize_choice(args.quantize, args.quantize_group_size) if args.quantize else None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -155,6 +200,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_adapters=args.max_adapters,
         max_adapter_bytes=args.max_adapter_bytes,
         adapter_dir=Path(args.adapter_dir).expanduser() if args.adapter_dir else None,
+        quantize=args.quantize,
+        quantize_group_size=args.quantize_group_size,
     )
     return serve(settings)
 
@@ -171,7 +218,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed if args.seed is not None else secrets.randbits(63),
     )
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, quantize=_quantize_spec(args))
     tokenizer = loaded.tokenizer
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -198,6 +245,14 @@ def _use_real_blas() -> None:
     report = cpu_blas.check()
     if report is not None:
         print(report.summary(), file=sys.stderr, flush=True)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from engine.loader.convert import convert
+
+    out = convert(args.model, args.out, _quantize_spec(args), args.dtype)
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

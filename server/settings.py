@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.loader.quantize import QuantSpec, quantize_choice
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
@@ -27,6 +29,8 @@ class ServerSettings:
     max_adapters: int = 64  # adapter names registered at once
     max_adapter_bytes: int = 512 << 20  # one upload (config + weights)
     adapter_dir: Path | None = None  # the only folder /v1/load_lora_adapter may read from
+    quantize: str | None = None  # q2..q8: quantize a float model while loading
+    quantize_group_size: int = 64
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,5 +54,16 @@ class ServerSettings:
             problems.append(f"--max-adapter-bytes must be >= 1, got {self.max_adapter_bytes}")
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
+        if self.quantize is not None:
+            try:
+                quantize_choice(self.quantize, self.quantize_group_size)
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def quantize_spec(self) -> QuantSpec | None:
+        if self.quantize is None:
+            return None
+        return quantize_choice(self.quantize, self.quantize_group_size)

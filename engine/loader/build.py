@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +14,7 @@ from mlx.utils import tree_map_with_path
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.loader.quantize import QuantSpec
 from engine.models.base import CausalLM
 from engine.models.quantized import FORMATS, sub_block_module
 from engine.tokenizer import Tokenizer
@@ -47,24 +48,24 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 def build_model(
     cfg: ModelConfig,
     weights: dict[str, mx.array],
-    quantized_bits: dict[str, int],
+    quantized: Mapping[str, QuantSpec],
     sub_blocks: dict[str, str] | None = None,
 ) -> CausalLM:
     """Instantiate the transformer and load ``weights`` (Hugging Face names) into it.
 
-    ``quantized_bits`` maps a module path (``model.layers.0.mlp.up_proj``) to the bit width of
-    its affine-quantized weight (group size 32); those modules become quantized layers whose
+    ``quantized`` maps a module path (``model.layers.0.mlp.up_proj``) to the affine setting of
+    its weight (bits, group size); those modules become quantized layers (``QuantizedLinear``,
+    or ``QuantizedEmbedding``, whose ``as_linear`` serves a tied head) whose
     ``weight``/``scales``/``biases`` come from ``weights``. ``sub_blocks`` maps a module path to
     a 16-element sub-block format (``Q6_K``, ``Q3_K``, ``Q2_K``): see engine.models.quantized.
+    The rest stay float.
     """
     model = CausalLM(cfg)
-    if quantized_bits:
+    if quantized:
         nn.quantize(
             model,
             class_predicate=lambda path, _: (
-                {"group_size": 32, "bits": quantized_bits[path], "mode": "affine"}
-                if path in quantized_bits
-                else False
+                quantized[path].as_dict() if path in quantized else False
             ),
         )
     if sub_blocks:

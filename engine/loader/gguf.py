@@ -22,6 +22,7 @@ from engine.loader.gguf_tensors import (
     check_types,
     tensor_to_mlx,
 )
+from engine.loader.quantize import QuantSpec
 from engine.models.registry import architecture
 from engine.tokenizer import Tokenizer
 
@@ -135,7 +136,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
     check_types(path.name, reader.tensors)  # before any tensor is converted
     permuted = architecture(cfg.model_type).GGUF_QK_PERMUTED
     weights: dict[str, mx.array] = {}
-    bits: dict[str, int] = {}
+    specs: dict[str, QuantSpec] = {}
     sub_blocks: dict[str, str] = {}  # module -> Q6_K / Q3_K / Q2_K
     unknown = []
     for tensor in progress(reader.tensors, desc=f"loading {path.name}", total=len(names)):
@@ -151,7 +152,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
             value = _take_rows(value, unpermute_rows(heads, value.shape[0]))
         module = name.rpartition(".")[0]
         if isinstance(value, AffineQuantized):
-            bits[module] = value.bits
+            specs[module] = QuantSpec(value.bits, value.group_size)
             weights[f"{module}.weight"] = value.weight
             weights[f"{module}.scales"] = value.scales
             weights[f"{module}.biases"] = value.biases
@@ -164,7 +165,7 @@ def load_gguf_model(path: Path, dtype: mx.Dtype) -> tuple[Any, dict[str, Any]]:
         raise WeightsError(
             f"{path.name} has tensors candlewick does not know: {', '.join(unknown)}"
         )
-    return build_model(cfg, weights, bits, sub_blocks=sub_blocks), meta
+    return build_model(cfg, weights, specs, sub_blocks=sub_blocks), meta
 
 
 def _take_rows(value: mx.array | Quantized, rows: np.ndarray) -> mx.array | Quantized:

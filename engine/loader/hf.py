@@ -1,4 +1,7 @@
-"""Hugging Face model folders: config.json, safetensors (one file or sharded), tokenizer files."""
+"""Hugging Face model folders: config.json, safetensors (one file or sharded), tokenizer files.
+
+Float folders, MLX-quantized ones (mlx-lm's `quantization` entry: packed uint32 weights with
+scales and biases), and float folders quantized while they load (`--quantize`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,15 @@ import mlx.core as mx
 
 from engine.config import ConfigError
 from engine.loader.build import LoadedModel, WeightsError, build_model, progress
+from engine.loader.quantize import (
+    QuantSpec,
+    StoredTensor,
+    default_plan,
+    quantizable_modules,
+    quantize_weight,
+    scheme_from_config,
+    stored_plan,
+)
 from engine.models.base import CausalLM
 from engine.models.registry import config_from_hf
 from engine.tokenizer import Tokenizer
@@ -44,25 +56,65 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(folder: Path, dtype: mx.Dtype, tied: bool) -> dict[str, mx.array]:
-    weights: dict[str, mx.array] = {}
-    for path in progress(weight_files(folder), desc="loading weights"):
+def checkpoint_tensors(folder: Path, tied: bool) -> dict[str, tuple[str, mx.array]]:
+    """Every tensor of the checkpoint: name -> (file name, lazy array). MLX reads a tensor's
+    bytes only when it is evaluated, so this holds no weights yet."""
+    tensors: dict[str, tuple[str, mx.array]] = {}
+    for path in weight_files(folder):
         for name, array in mx.load(str(path)).items():
-            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
                 continue
-            weights[name] = (
-                array.astype(dtype) if mx.issubdtype(array.dtype, mx.floating) else array
-            )
+            tensors[name] = (path.name, array)
+    return tensors
+
+
+def load_weights(
+    tensors: dict[str, tuple[str, mx.array]], dtype: mx.Dtype, quantize: dict[str, QuantSpec]
+) -> dict[str, mx.array]:
+    """The checkpoint's arrays, float ones cast to ``dtype``; the ``.weight`` of each module in
+    ``quantize`` is quantized on the way, one tensor at a time, so peak memory is the quantized
+    model plus one float tensor (``tensors`` is emptied as it goes)."""
+    weights: dict[str, mx.array] = {}
+    for name in progress(list(tensors), desc="loading weights"):
+        _, array = tensors.pop(name)
+        if mx.issubdtype(array.dtype, mx.floating):
+            array = array.astype(dtype)
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in quantize:
+            parts = quantize_weight(array, quantize[module])
+            mx.eval(parts)
+            weights.update({f"{module}.{k}": v for k, v in parts.items()})
+        elif quantize:
+            mx.eval(array)
+            weights[name] = array
+        else:
+            weights[name] = array  # evaluated once the model holds it
     return weights
 
 
-def load_hf_model(folder: Path, dtype: mx.Dtype) -> CausalLM:
-    cfg = config_from_hf(read_config(folder))
-    return build_model(cfg, load_weights(folder, dtype, cfg.tie_word_embeddings), {})
+def load_hf_model(folder: Path, dtype: mx.Dtype, quantize: QuantSpec | None = None) -> CausalLM:
+    """A float or MLX-quantized folder; ``quantize`` quantizes a float one while it loads
+    (mlx-lm's choice of modules)."""
+    hf = read_config(folder)
+    cfg = config_from_hf(hf)
+    scheme = scheme_from_config(hf)
+    if scheme is not None and quantize is not None:
+        raise ConfigError(
+            f"{folder} is already quantized ({scheme.default.bits}-bit); --quantize takes a "
+            "float model"
+        )
+    tensors = checkpoint_tensors(folder, cfg.tie_word_embeddings)
+    shapes = quantizable_modules(cfg)
+    if scheme is not None:
+        stored = {n: StoredTensor(tuple(a.shape), a.dtype, f) for n, (f, a) in tensors.items()}
+        plan = stored_plan(scheme, shapes, stored)
+        return build_model(cfg, load_weights(tensors, dtype, {}), plan)
+    plan = default_plan(shapes, quantize) if quantize is not None else {}
+    return build_model(cfg, load_weights(tensors, dtype, plan), plan)
 
 
-def load_hf(folder: Path, dtype: mx.Dtype) -> LoadedModel:
-    model = load_hf_model(folder, dtype)
+def load_hf(folder: Path, dtype: mx.Dtype, quantize: QuantSpec | None = None) -> LoadedModel:
+    model = load_hf_model(folder, dtype, quantize)
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(
         model=model,

