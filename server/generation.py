@@ -52,6 +52,7 @@ class GenerationRequest:
     grammar: GrammarSpec | None = None  # the output must match it (structured output)
     grammar_field: str | None = None  # the wire field that asked for it, for errors
     more_prompts: tuple[list[int], ...] = ()  # a batch of prompts: n choices of each, in order
+    keep_tokens: tuple[tuple[int, str], ...] = ()  # special tokens whose text the output keeps
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class PreparedRequest:
     n: int
     stop: tuple[str, ...]
     grammar: GrammarSpec | None = None  # compiled and checked; each choice gets a matcher
+    keep_tokens: tuple[tuple[int, str], ...] = ()  # special tokens whose text the output keeps
 
     @property
     def num_choices(self) -> int:

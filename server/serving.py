@@ -183,6 +183,7 @@ class Serving:
             # accepts: under a grammar, the grammar decides where the output ends.
             stop=() if spec.grammar is not None else spec.stop,
             grammar=spec.grammar,
+            keep_tokens=spec.keep_tokens,
         )
 
     def _check_grammar(self, spec: GrammarSpec, field: str | None) -> None:
@@ -196,6 +197,15 @@ class Serving:
     def tool_parser(self) -> ToolParser:
         """How this model writes tool calls, judged from its chat template."""
         return parser_for_template(self.tokenizer.chat_template)
+
+    def special_tags(self, tags: Sequence[str]) -> tuple[tuple[int, str], ...]:
+        """Those of ``tags`` that this vocabulary holds as one special token, with their ids."""
+        found = []
+        for tag in tags:
+            ids = self.tokenizer.encode(tag, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] in self.tokenizer.all_special_ids:
+                found.append((ids[0], tag))
+        return tuple(found)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -293,7 +303,7 @@ class Serving:
         params = engine_request.sampling_params
         model = prepared.model
         series = self.metrics.series(model)
-        text = TextStream(self.tokenizer, list(prepared.stop))
+        text = TextStream(self.tokenizer, list(prepared.stop), keep=dict(prepared.keep_tokens))
         start = last = time.monotonic()
         generated = 0
         finish: str | None = None

@@ -3,6 +3,8 @@ showing the start of a stop string before it is known whether the stop string fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from engine.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer
 
@@ -15,8 +17,17 @@ class TextStream:
     inside the held-back text, and searching that text alone finds it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        keep: Mapping[int, str] | None = None,
+    ):
+        """``keep``: special tokens whose text the stream keeps although special tokens are
+        skipped (a tool-call tag that is a control token, such as Mistral's ``[TOOL_CALLS]``)."""
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._keep = dict(keep or {})
         self._stop = [s for s in stop if s]
         self._held = ""
         self.stopped = False
@@ -25,7 +36,10 @@ class TextStream:
         """The text this token releases ("" while held back); nothing once stopped."""
         if self.stopped:
             return ""
-        self._held += self._detok.add(token_id)
+        if token_id in self._keep:
+            self._held += self._detok.flush() + self._keep[token_id]
+        else:
+            self._held += self._detok.add(token_id)
         return self._release()
 
     def finish(self) -> str:

@@ -74,6 +74,8 @@ async def create(body: ChatCompletionRequest, request: Request, serving: Serving
             )
         spec = replace(spec, grammar=forced, grammar_field="tool_choice")
     reads = use if use is not None and use.reads_calls else None
+    if reads is not None:  # the parser must see its tags, even where they are control tokens
+        spec = replace(spec, keep_tokens=serving.special_tags(reads.parser.tags))
     return await respond(
         request,
         serving,
