@@ -82,3 +82,16 @@ def serving(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def serving_tiny(folder: Path, name: str = "tiny", **settings) -> Iterator[tuple[str, ServerState]]:
+    """The tiny model in ``folder`` served under ``name`` (started before the server, so the
+    first request finds it loaded); yields the base URL and the state."""
+    config = ServerSettings(
+        model=str(folder), data_dir=folder / "data", served_model_name=name, **settings
+    )
+    state = ServerState(config)
+    state.start()
+    with running_server(config, state) as url:
+        yield url, state

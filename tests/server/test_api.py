@@ -12,9 +12,8 @@ import openai
 import pytest
 
 from engine.generate import GenerationSettings, generate_tokens
-from server.settings import ServerSettings
 from server.state import ServerState
-from tests.server.fixtures import running_server, write_tiny_model
+from tests.server.fixtures import serving_tiny, write_tiny_model
 
 pytest.importorskip("torch")
 
@@ -28,13 +27,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folder):
-    settings = ServerSettings(
-        model=str(folder), data_dir=folder / "data", served_model_name=MODEL, num_blocks=256
-    )
-    state = ServerState(settings)
-    state.start()
-    with running_server(settings, state) as url:
-        yield url, state
+    with serving_tiny(folder, MODEL, num_blocks=256) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

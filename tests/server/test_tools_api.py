@@ -10,9 +10,7 @@ import httpx
 import openai
 import pytest
 
-from server.settings import ServerSettings
-from server.state import ServerState
-from tests.server.fixtures import running_server, write_tiny_model
+from tests.server.fixtures import serving_tiny, write_tiny_model
 
 pytest.importorskip("torch")
 jsonschema = pytest.importorskip("jsonschema")
@@ -48,13 +46,8 @@ TOOLS = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = write_tiny_model(tmp_path_factory.mktemp("tiny"))
-    settings = ServerSettings(
-        model=str(folder), data_dir=folder / "data", served_model_name=MODEL, num_blocks=512
-    )
-    state = ServerState(settings)
-    state.start()
-    with running_server(settings, state) as url:
-        yield url, state
+    with serving_tiny(folder, MODEL, num_blocks=512) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
