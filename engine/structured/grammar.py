@@ -10,6 +10,7 @@ gets a copy of a pristine matcher, so compiling is paid once per grammar, not pe
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -137,4 +138,42 @@ def _grammar(spec: GrammarSpec) -> str:
 
 def _describe(spec: GrammarSpec, message: str) -> str:
     what = {"json_schema": "JSON schema", "gbnf": "GBNF grammar", "lark": "Lark grammar"}
-    return f"the {what.get(spec.kind, spec.kind)} cannot be used: {message.strip()}"
+    text = f"the {what.get(spec.kind, spec.kind)} cannot be used: {message.strip()}"
+    if spec.kind == "json_schema":
+        paths = schema_paths(json.loads(spec.source), message)
+        if paths:
+            text += f" (at {', '.join(paths[:5])})"
+    return text
+
+
+def schema_paths(schema: Any, message: str) -> list[str]:
+    """Where in ``schema`` (JSON pointers) the problem llguidance's ``message`` names lies: the
+    keys it quotes (an unimplemented keyword, a value of the wrong type), the ``$ref`` or
+    ``pattern`` whose text it quotes. Empty when nothing in the schema matches."""
+    quoted = set(re.findall(r"\"([^\"]+)\"|'([^']+)'", message))
+    words = {a or b for a, b in quoted}
+    lines = message.strip().splitlines()
+    regex = lines[1].strip() if len(lines) > 1 and "regex" in lines[0] else None
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{path}/{_escape(key)}"
+                if (
+                    (key in words and key not in ("properties", "$defs", "definitions"))
+                    or (key == "$ref" and isinstance(value, str) and value.lstrip("#") in words)
+                    or (key == "pattern" and regex is not None and value == regex)
+                ):
+                    found.append(here)
+                walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}/{i}")
+
+    walk(schema, "")
+    return found
+
+
+def _escape(key: str) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")

@@ -201,7 +201,11 @@ def test_grammars_are_compiled_once_per_content(world):
 MISSING_REF = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
 BAD = {
     "schema-ref": (GrammarSpec.json_schema(MISSING_REF), "missing"),
-    "schema-unsupported": (GrammarSpec.json_schema({"propertyNames": {}}), "propertyNames"),
+    "schema-unsupported": (
+        GrammarSpec.json_schema({"properties": {"a": {"propertyNames": {}}}}),
+        "propertyNames.*at /properties/a/propertyNames",
+    ),
+    "schema-ref-path": (GrammarSpec.json_schema(MISSING_REF), "at /properties/a/\\$ref"),
     "regex": (GrammarSpec("regex", "[a-"), "regex"),
     "lark": (GrammarSpec("lark", "start: nothing_defined"), "nothing_defined"),
     "choice": (GrammarSpec.choice([]), "choice"),
