@@ -32,6 +32,17 @@ WEATHER = {
     "additionalProperties": False,
 }
 TOOLS = [{"name": "weather", "description": "The weather in a city.", "input_schema": WEATHER}]
+# ChatML that names the tools, writes an assistant's calls as Hermes does (so its replies are read
+# with the Hermes parser), and marks a tool's result: what a conversation becomes is visible.
+TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }} {% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 OPENAI_TOOLS = [
     {
         "type": "function",
@@ -48,6 +59,8 @@ OPENAI_TOOLS = [
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("anthropic")
     folder = write_tiny_model(root / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     settings = ServerSettings(
         model=str(folder),
         data_dir=root / "data",
