@@ -14,6 +14,7 @@ import pytest
 from server.settings import ServerSettings
 from server.state import ServerState
 from tests.server.fixtures import running_server, write_tiny_model
+from tests.server.test_lease import wait_until
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("torch")
@@ -308,3 +309,23 @@ def test_errors_come_in_anthropic_shape_here_and_openai_shape_elsewhere(served, 
     r = httpx.get(f"{url}/v1/models", headers={"x-api-key": "wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert "param" in r.json()["error"]  # OpenAI's shape off Anthropic's routes
+
+
+def test_tool_choice_none_offers_no_tools(claude):
+    kw = dict(model=MODEL, messages=CONVERSATION, max_tokens=12, extra_body=GREEDY)
+    plain = claude.messages.create(**kw)
+    none = claude.messages.create(**kw, tools=TOOLS, tool_choice={"type": "none"})
+    assert blocks(none) == blocks(plain) and none.usage == plain.usage
+
+
+def test_streams_give_their_room_back_finished_or_abandoned(served, claude):
+    state = served[1]
+    kw = dict(model=MODEL, messages=CONVERSATION, max_tokens=200, extra_body=GREEDY)
+    with claude.messages.stream(**kw) as stream:
+        for event in stream:
+            if event.type == "content_block_delta":
+                break  # the client leaves midway
+    with claude.messages.stream(**kw) as stream:
+        stream.until_done()
+    wait_until(lambda: state.admission.inflight == 0, "a lease was not released")
+    wait_until(lambda: not state.engine.core.has_work, "an abandoned request still runs")
