@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -183,16 +184,17 @@ async def _drain(turn: Turn, events: AsyncIterator[GenerationEvent]) -> None:
 
 
 async def _sse(
-    turn: Turn, events: AsyncIterator[GenerationEvent]
+    turn: Turn, events: AsyncGenerator[GenerationEvent, None]
 ) -> AsyncGenerator[tuple[str, str], None]:
     """Anthropic's stream: message_start and a ping, the blocks, message_delta, message_stop;
-    an ``error`` event if it fails midway."""
+    an ``error`` event if it fails midway. Closing it closes the generation (which aborts it)."""
     try:
         for name, data in turn.start():
             yield name, json.dumps(data)
-        async for event in events:
-            for name, data in turn.on(event):
-                yield name, json.dumps(data)
+        async with aclosing(events):
+            async for event in events:
+                for name, data in turn.on(event):
+                    yield name, json.dumps(data)
     except Exception as e:
         if not isinstance(e, APIError):
             log.exception("request failed while streaming")

@@ -6,6 +6,7 @@ tool results render as chat's tool messages, and errors come in Anthropic's shap
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -318,14 +319,27 @@ def test_tool_choice_none_offers_no_tools(claude):
     assert blocks(none) == blocks(plain) and none.usage == plain.usage
 
 
+def aborted(url: str) -> float:
+    """How many requests have ended aborted, as /metrics counts them."""
+    text = httpx.get(f"{url}/metrics", headers={"x-api-key": KEY}).text
+    found = re.search(
+        r'candlewick_requests_total\{finish_reason="abort",model="tiny"\} (\S+)', text
+    )
+    return float(found.group(1)) if found else 0.0
+
+
 def test_streams_give_their_room_back_finished_or_abandoned(served, claude):
-    state = served[1]
-    kw = dict(model=MODEL, messages=CONVERSATION, max_tokens=200, extra_body=GREEDY)
+    url, state = served
+    before = aborted(url)
+    # Sampled from all 260 tokens, the reply runs long: leaving after its first delta aborts it.
+    sampled = {"temperature": 1.0, "top_k": 0}
+    kw = dict(model=MODEL, messages=CONVERSATION, max_tokens=400, extra_body=sampled)
     with claude.messages.stream(**kw) as stream:
         for event in stream:
             if event.type == "content_block_delta":
                 break  # the client leaves midway
-    with claude.messages.stream(**kw) as stream:
+    with claude.messages.stream(**{**kw, "extra_body": GREEDY}) as stream:
         stream.until_done()
     wait_until(lambda: state.admission.inflight == 0, "a lease was not released")
     wait_until(lambda: not state.engine.core.has_work, "an abandoned request still runs")
+    assert aborted(url) == before + 1
