@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.engine_thread import release_thread_state
 from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
-from server.routes import adapters, completions, health, models, tokenize
+from server.routes import adapters, completions, health, messages, models, tokenize
 from server.settings import ServerSettings
 from server.state import ServerState, ServerStopped
 
@@ -21,18 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def require_api_key(request: Request) -> None:
-    """Bearer auth on every route it guards; keys compared in constant time."""
+    """Bearer auth (or Anthropic's ``x-api-key`` header) on every route it guards; keys
+    compared in constant time."""
     keys = request.app.state.cw.settings.api_keys
     if not keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    presented = presented or request.headers.get("x-api-key", "").strip().encode()
     ok = False
     for key in keys:  # no early exit: every key is compared
         ok |= hmac.compare_digest(presented, key.encode())
     if not ok:
-        raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)")
+        raise Unauthorized(
+            "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)"
+        )
 
 
 def create_app(settings: ServerSettings, state: ServerState | None = None) -> FastAPI:
@@ -66,6 +70,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
         )
     guarded = [Depends(require_api_key)]
     app.include_router(completions.router, dependencies=guarded)
+    app.include_router(messages.router, dependencies=guarded)
     app.include_router(models.router, dependencies=guarded)
     app.include_router(tokenize.router, dependencies=guarded)
     app.include_router(adapters.router, dependencies=guarded)
@@ -115,6 +120,6 @@ class BodyLimit:
             limit = self.max_upload_bytes + (1 << 16) if upload else self.max_bytes
             if length.isdigit() and int(length) > limit:
                 message = f"the request body has {length.decode()} bytes; the limit is {limit}"
-                await error_response(TooLarge(message))(scope, receive, send)
+                await error_response(TooLarge(message), scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)

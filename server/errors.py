@@ -1,5 +1,7 @@
-"""The one place exceptions become OpenAI-shaped errors:
-``{"error": {"message", "type", "param", "code"}}``."""
+"""The one place exceptions become errors: OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, except on Anthropic's routes
+(``/v1/messages``), which answer in Anthropic's:
+``{"type": "error", "error": {"type", "message"}}``."""
 
 from __future__ import annotations
 
@@ -66,9 +68,36 @@ def error_body(status: int, type_: str, message: str, param=None, code=None) -> 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(e: APIError) -> JSONResponse:
+# Anthropic's names for our error types; the rest it shares.
+_ANTHROPIC_TYPES = {
+    "server_error": "api_error",
+    "service_unavailable": "overloaded_error",
+    "error": "api_error",
+}
+
+
+def anthropic_error_body(status: int, type_: str, message: str) -> dict:
+    if status == 413:
+        type_ = "request_too_large"
+    return {
+        "type": "error",
+        "error": {"type": _ANTHROPIC_TYPES.get(type_, type_), "message": message},
+    }
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def _body(path: str, status: int, type_: str, message: str, param=None, code=None) -> dict:
+    if is_anthropic(path):
+        return anthropic_error_body(status, type_, message)
+    return error_body(status, type_, message, param, code)
+
+
+def error_response(e: APIError, path: str = "") -> JSONResponse:
     return JSONResponse(
-        error_body(e.status, e.type, e.message, e.param, e.code),
+        _body(path, e.status, e.type, e.message, e.param, e.code),
         status_code=e.status,
         headers=e.headers(),
     )
@@ -89,24 +118,23 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(e)
-        return JSONResponse(
-            error_body(400, "invalid_request_error", message, param), status_code=400
-        )
+        body = _body(request.url.path, 400, "invalid_request_error", message, param)
+        return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "error")
-        return JSONResponse(error_body(e.status_code, kind, str(e.detail)), e.status_code)
+        body = _body(request.url.path, e.status_code, kind, str(e.detail))
+        return JSONResponse(body, e.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(
-            error_body(500, "server_error", f"internal error: {type(e).__name__}"), 500
-        )
+        message = f"internal error: {type(e).__name__}"
+        return JSONResponse(_body(request.url.path, 500, "server_error", message), 500)

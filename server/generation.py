@@ -99,7 +99,8 @@ class ChoiceDelta:
     stop string before it is known whether the stop string follows. ``token_ids`` are every
     token the engine produced (a stop token id included, which ``text`` leaves out), each with
     its entry in ``logprobs`` when logprobs were asked for. ``finish_reason`` is set on the
-    choice's last delta, and only there.
+    choice's last delta, and only there; ``stop_string`` too, when one of the request's stop
+    strings ended the choice.
     """
 
     index: int
@@ -107,6 +108,7 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_string: str | None = None
 
 
 @dataclass(slots=True)

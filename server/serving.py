@@ -334,6 +334,7 @@ class Serving:
                     token_ids=list(out.new_token_ids),
                     logprobs=list(out.logprobs),
                     finish_reason=finish if (out.finished or text.stopped) else None,
+                    stop_string=text.stop_string,
                 )
                 if text.stopped:
                     break

@@ -24,7 +24,8 @@ class ClientDisconnected(Exception):
 
 
 class EventStream(Response):
-    """Each string from ``events`` sent as one ``data:`` event, straight to the ASGI channel.
+    """Each string from ``events`` sent as one ``data:`` event, straight to the ASGI channel
+    (an ``(event, data)`` pair as a named event, for APIs whose clients read ``event:`` lines).
 
     At 64 streams the event loop sends thousands of events a second, so each one costs a
     single ``send``: no per-event cancel scope or lock, as a general SSE library adds. One task
@@ -39,7 +40,10 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncGenerator[str, None], lease: Lease | None = None, ping: float = 15.0
+        self,
+        events: AsyncGenerator[str | tuple[str, str], None],
+        lease: Lease | None = None,
+        ping: float = 15.0,
     ) -> None:
         self.events = events
         self.lease = lease
@@ -93,11 +97,15 @@ class EventStream(Response):
             raise error
 
 
-def _frame(data: str) -> bytes:
+def _frame(data: str | tuple[str, str]) -> bytes:
     """One SSE event; a line break in the data starts another ``data:`` line."""
+    name = b""
+    if isinstance(data, tuple):
+        event, data = data
+        name = b"event: " + event.encode() + b"\n"
     if "\n" in data:
         data = data.replace("\n", "\ndata: ")
-    return b"data: " + data.encode() + b"\n\n"
+    return name + b"data: " + data.encode() + b"\n\n"
 
 
 async def _disconnect(receive: Receive) -> None:

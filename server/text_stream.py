@@ -31,6 +31,7 @@ class TextStream:
         self._stop = [s for s in stop if s]
         self._held = ""
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text, once stopped
 
     def add(self, token_id: int) -> str:
         """The text this token releases ("" while held back); nothing once stopped."""
@@ -63,11 +64,12 @@ class TextStream:
         return out
 
     def _cut_at_stop(self) -> str | None:
-        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := self._held.find(s)) >= 0]
         if not hits:
             return None
         self.stopped = True
-        out, self._held = self._held[: min(hits)], ""
+        at, self.stop_string = min(hits, key=lambda hit: hit[0])
+        out, self._held = self._held[:at], ""
         return out
 
     def _longest_partial_stop(self) -> int:

@@ -44,17 +44,25 @@ class ToolUse:
 
 def tool_use(body: ChatCompletionRequest, serving: Serving) -> ToolUse | None:
     """The request's tools checked (a 400 naming every bad field), or None without tools."""
-    if not body.tools and body.tool_choice in (None, "none", "auto"):
-        return None
     tools = [t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or []]
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
         choice = choice.model_dump(exclude_none=True)
+    return checked_tools(tools, choice, body.parallel_tool_calls, serving)
+
+
+def checked_tools(
+    tools: list[dict[str, Any]], choice: Any, parallel: bool, serving: Serving
+) -> ToolUse | None:
+    """Tools and a choice in OpenAI's chat form, from whichever API, checked (a 400 naming
+    every bad field); None without tools."""
+    if not tools and choice in (None, "none", "auto"):
+        return None
     try:
         validate_tools(tools, choice)
     except ToolSpecError as e:
         raise BadRequest(str(e), param=e.param) from None
-    return ToolUse(tools, choice, body.parallel_tool_calls, serving.tool_parser)
+    return ToolUse(tools, choice, parallel, serving.tool_parser)
 
 
 def forced_grammar(use: ToolUse, serving: Serving) -> GrammarSpec | None:
