@@ -8,19 +8,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.protocol import FunctionDefinition
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
-class FunctionTool(_Lenient):
-    """Responses' tool shape is flat: no ``function`` wrapper."""
+class FunctionTool(FunctionDefinition):
+    """Responses' tool shape is flat: chat's function fields, no ``function`` wrapper."""
 
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedFunction(_Lenient):

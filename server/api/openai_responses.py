@@ -62,7 +62,7 @@ async def create(
 ) -> Response:
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        found = store.get(body.previous_response_id)
+        found = await asyncio.to_thread(store.get, body.previous_response_id)
         if found is None:
             raise NotFound(
                 f"no stored response with id {body.previous_response_id!r}",
@@ -227,11 +227,12 @@ def _prepare(
     try:
         return openai_chat.prepare(chat_request(body, items), serving, id_prefix="resp")
     except APIError as e:
-        param = _PARAMS.get(e.param or "")
-        if param is None:
+        if e.param is None:
             raise
-        e.message = e.message.replace(e.param, param)
-        e.param = param
+        param = _PARAMS.get(e.param) or e.param
+        if param.startswith("tools"):  # this API's tools have no ``function`` wrapper
+            param = param.replace(".function", "")
+        e.message, e.param = e.message.replace(e.param, param), param
         raise
 
 
@@ -324,12 +325,12 @@ class _Run:
                 self.response.error = ResponseError(
                     code="server_error", message=f"{type(e).__name__}: {e}"
                 )
-            self._keep()
+            await self._keep()
             yield self._snapshot("response.failed")
             return
         finally:
             self.store.running.pop(self.response.id, None)
-        self._keep()
+        await self._keep()
         yield self._snapshot(
             "response.completed" if self.response.status == "completed" else "response.incomplete"
         )
@@ -354,11 +355,13 @@ class _Run:
         else:
             r.status = "completed"
 
-    def _keep(self) -> None:
+    async def _keep(self) -> None:
+        """Store the response, off the event loop (SQLite commits wait for the disk)."""
         if not self.body.store:
             return
         output = [item.model_dump() for item in self.output]
-        self.store.put(self.response.id, self.response.model_dump(), self.items + output)
+        body = self.response.model_dump()
+        await asyncio.to_thread(self.store.put, self.response.id, body, self.items + output)
 
     def _feed(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         if self.parser is None:
@@ -480,6 +483,10 @@ async def _sse(events: AsyncGenerator[dict, None]) -> AsyncGenerator[str, None]:
 
 
 def stored(store: ResponsesStore, response_id: str) -> dict[str, Any]:
+    """A stored response, or one still running as it stands now."""
+    run = store.running.get(response_id)
+    if run is not None:
+        return run.response.model_dump()
     found = store.get(response_id)
     if found is None:
         raise NotFound(f"no stored response with id {response_id!r}", param="response_id")

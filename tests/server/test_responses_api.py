@@ -17,20 +17,12 @@ from server.responses_store import ResponsesStore
 from server.settings import ServerSettings
 from server.state import ServerState
 from tests.server.fixtures import running_server, write_tiny_model
+from tests.server.test_adapters import make_peft, upload
+from tests.server.test_tools_api import BROKEN, WEATHER
 
 pytest.importorskip("torch")
 jsonschema = pytest.importorskip("jsonschema")
 MODEL = "tiny"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 6},
-        "unit": {"enum": ["c", "f"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
 TOOLS = [{"type": "function", "name": "weather", "parameters": WEATHER}]
 CHAT_TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": WEATHER}}]
 
@@ -41,11 +33,11 @@ def settings_for(folder, **kw) -> ServerSettings:
 
 
 @contextmanager
-def started(settings: ServerSettings) -> Iterator[str]:
+def started(settings: ServerSettings) -> Iterator[tuple[str, ServerState]]:
     state = ServerState(settings)
     state.start()
     with running_server(settings, state) as url:
-        yield url
+        yield url, state
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +47,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model):
-    settings = settings_for(model)
-    state = ServerState(settings)
-    state.start()
-    with running_server(settings, state) as url:
-        yield url, state
+    with started(settings_for(model)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -271,10 +260,22 @@ def test_cancel_stops_a_running_stream(served, client):
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format"),
         ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": 3}]}, "tools"),
+        (
+            {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": BROKEN}]},
+            "tools[0].parameters",
+        ),
         ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "nope"),
         ({"input": "x", "background": True}, "background"),
     ],
-    ids=["item-type", "image", "schema-missing", "bad-tool", "unknown-tool", "background"],
+    ids=[
+        "item-type",
+        "image",
+        "schema-missing",
+        "bad-tool",
+        "broken-schema",
+        "unknown-tool",
+        "background",
+    ],
 )
 def test_bad_requests_are_400_naming_the_field(served, body, words):
     r = httpx.post(f"{served[0]}/v1/responses", json={"model": MODEL, **body}, timeout=60)
@@ -284,10 +285,10 @@ def test_bad_requests_are_400_naming_the_field(served, body, words):
 
 def test_previous_response_id_continues_after_a_restart(model, tmp_path):
     settings = settings_for(model, data_dir=tmp_path / "data")
-    with started(settings) as url:
+    with started(settings) as (url, _):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         first = c.responses.create(model=MODEL, input="one", temperature=0, max_output_tokens=8)
-    with started(settings) as url:
+    with started(settings) as (url, _):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert c.responses.retrieve(first.id).output_text == first.output_text
         second = c.responses.create(
@@ -312,3 +313,24 @@ def test_store_keeps_the_newest_and_survives_reopening(tmp_path):
     assert again.delete("r1") and not again.delete("r1")
     assert again.count() == 1
     again.close()
+
+
+def test_an_adapter_named_by_model_applies(served, model, client, tmp_path):
+    adapter = make_peft(model, tmp_path / "qv", 3, ["q_proj", "v_proj"])
+    with httpx.Client(base_url=served[0], timeout=60) as c:
+        assert upload(c, "qv", adapter).status_code in (200, 201)
+        try:
+            texts = {}
+            for name in ("qv", MODEL):
+                got = client.responses.create(
+                    model=name, input="hello", temperature=0, max_output_tokens=12
+                )
+                ref = client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": "hello"}], temperature=0,
+                    max_tokens=12,
+                )  # fmt: skip
+                assert got.model == name and got.output_text == ref.choices[0].message.content
+                texts[name] = got.output_text
+            assert texts["qv"] != texts[MODEL], "the adapter must change the output"
+        finally:
+            c.delete("/v1/adapters/qv")
