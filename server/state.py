@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
@@ -82,8 +83,8 @@ class ServerState:
         if s.max_loras > 0:
             store = AdapterStore(s.data_dir)
             self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
-        self.responses = ResponsesStore(s.data_dir, s.responses_max_stored)
         core = EngineCore(loaded.model, config, loaded.dtype)
+        self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
         self.engine = AsyncEngine(core)
