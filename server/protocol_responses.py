@@ -4,9 +4,9 @@ response object, its output items and usage as the official client reads them.""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from server.protocol import FunctionDefinition
 
@@ -40,6 +40,10 @@ class TextConfig(_Lenient):
     format: TextFormat | None = None
 
 
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
 class ResponsesRequest(_Lenient):
     model: str
     input: str | list[dict[str, Any]]
@@ -53,7 +57,7 @@ class ResponsesRequest(_Lenient):
     text: TextConfig | None = None
     store: bool = True
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
     stream: bool = False
     user: str | None = None
 

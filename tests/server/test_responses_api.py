@@ -266,6 +266,7 @@ def test_cancel_stops_a_running_stream(served, client):
         ),
         ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}}, "nope"),
         ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ],
     ids=[
         "item-type",
@@ -275,6 +276,7 @@ def test_cancel_stops_a_running_stream(served, client):
         "broken-schema",
         "unknown-tool",
         "background",
+        "metadata",
     ],
 )
 def test_bad_requests_are_400_naming_the_field(served, body, words):
@@ -334,3 +336,12 @@ def test_an_adapter_named_by_model_applies(served, model, client, tmp_path):
             assert texts["qv"] != texts[MODEL], "the adapter must change the output"
         finally:
             c.delete("/v1/adapters/qv")
+
+
+def test_the_retention_flag_reaches_the_settings():
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--responses-max-stored", "3"])
+    assert args.responses_max_stored == 3
+    with pytest.raises(ValueError, match="--responses-max-stored"):
+        ServerSettings(responses_max_stored=0)
