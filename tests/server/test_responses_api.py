@@ -240,16 +240,26 @@ def test_stored_response_get_delete_and_cancel_errors(served, client):
 
 def test_cancel_stops_a_running_stream(served, client):
     url = served[0]
-    body = {"model": MODEL, "input": "go", "max_output_tokens": 400, "stream": True,
-            "temperature": 1.0}  # fmt: skip
+    # A grammar that cannot end before 400 characters: the run is still going when cancelled.
+    long = {"type": "object", "properties": {"s": {"type": "string", "minLength": 400}},
+            "required": ["s"]}  # fmt: skip
+    fmt = {"type": "json_schema", "name": "long", "schema": long}
+    body = {"model": MODEL, "input": "go", "max_output_tokens": 450, "stream": True,
+            "text": {"format": fmt}}  # fmt: skip
     with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
         lines = (json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: "))
         first = next(lines)
         rid = first["response"]["id"]
-        assert httpx.post(f"{url}/v1/responses/{rid}/cancel").status_code == 200
+        running = httpx.get(f"{url}/v1/responses/{rid}").json()
+        assert running["status"] == "in_progress"
+        cancelled = httpx.post(f"{url}/v1/responses/{rid}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
         rest = list(lines)
-    assert rest[-1]["response"]["status"] == "cancelled"
-    assert rest[-1]["response"]["usage"]["output_tokens"] < 400
+    last = rest[-1]["response"]
+    assert last["status"] == "cancelled" and last["usage"]["output_tokens"] < 400
+    text = "".join(e["delta"] for e in rest if e["type"] == "response.output_text.delta")
+    assert last["output"][0]["content"][0]["text"] == text
     assert client.responses.retrieve(rid).status == "cancelled"
 
 
