@@ -81,6 +81,8 @@ async def create(
                 await unless_disconnected(request, _drain(run.events(events)))
             except ClientDisconnected:
                 return Response(status_code=499)
+        if run.failure is not None:  # stored as failed; the client gets the error itself
+            raise run.failure
         return JSONResponse(run.response.model_dump())
     try:
         return EventStream(_sse(run.events(serving.generate(prepared, lease))), lease)
@@ -279,6 +281,7 @@ class _Run:
         self.calls: dict[int, FunctionCallItem] = {}  # the parser's call index -> its item
         self.cancel = asyncio.Event()
         self.output_tokens = 0  # the usage of a run cut short, which gets no TokenUsage
+        self.failure: Exception | None = None
 
     @property
     def output(self) -> list[MessageItem | FunctionCallItem]:
@@ -317,6 +320,7 @@ class _Run:
                 yield out
             self._conclude(finish)
         except Exception as e:
+            self.failure = e
             self.response.status = "failed"
             if isinstance(e, APIError):
                 self.response.error = ResponseError(code=e.type, message=e.message)

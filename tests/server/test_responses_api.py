@@ -130,6 +130,7 @@ def test_stream_events_add_up_to_the_whole_response(client):
     assert deltas == whole.output_text == final.output_text == events[-4].text
     assert final.usage.output_tokens == whole.usage.output_tokens
     assert final.status == "completed" and final.id == events[0].response.id
+    assert client.responses.retrieve(final.id).output_text == final.output_text  # stored too
 
 
 def test_a_stream_cut_by_max_output_tokens_ends_incomplete(client):
