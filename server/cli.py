@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("MAX_ADAPTERS", "64"),
         help="adapter names registered at once",
     )
+    srv.add_argument(
+        "--responses-max-stored",
+        type=int,
+        default=env("RESPONSES_MAX_STORED", "10000"),
+        help="stored /v1/responses kept; beyond it the oldest go first",
+    )
     srv.add_argument("--max-adapter-bytes", type=_bytes, default=env("MAX_ADAPTER_BYTES", "512MiB"))
     srv.add_argument(
         "--adapter-dir",
@@ -199,6 +205,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         max_adapters=args.max_adapters,
         max_adapter_bytes=args.max_adapter_bytes,
+        responses_max_stored=args.responses_max_stored,
         adapter_dir=Path(args.adapter_dir).expanduser() if args.adapter_dir else None,
         quantize=args.quantize,
         quantize_group_size=args.quantize_group_size,

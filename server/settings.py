@@ -31,6 +31,7 @@ class ServerSettings:
     adapter_dir: Path | None = None  # the only folder /v1/load_lora_adapter may read from
     quantize: str | None = None  # q2..q8: quantize a float model while loading
     quantize_group_size: int = 64
+    responses_max_stored: int = 10_000  # stored /v1/responses; the oldest go first beyond it
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,6 +53,8 @@ class ServerSettings:
             problems.append(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
         if self.max_adapter_bytes < 1:
             problems.append(f"--max-adapter-bytes must be >= 1, got {self.max_adapter_bytes}")
+        if self.responses_max_stored < 1:
+            problems.append(f"--responses-max-stored must be >= 1, got {self.responses_max_stored}")
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.quantize is not None:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
@@ -19,6 +20,7 @@ from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
 from server.metrics import ServerMetrics
+from server.responses_store import ResponsesStore
 from server.serving import Serving
 from server.settings import ServerSettings
 
@@ -36,6 +38,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     registry: AdapterRegistry | None = None
     adapters: AdapterService | None = None
+    responses: ResponsesStore | None = None  # stored /v1/responses
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
@@ -81,6 +84,7 @@ class ServerState:
             store = AdapterStore(s.data_dir)
             self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
         core = EngineCore(loaded.model, config, loaded.dtype)
+        self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
         self.engine = AsyncEngine(core)
@@ -114,11 +118,13 @@ class ServerState:
         store. Safe to call twice, and while ``start`` is still loading."""
         with self._lifecycle:
             self.stopped = True
-            engine, registry = self.engine, self.registry
+            engine, registry, responses = self.engine, self.registry, self.responses
         if engine is not None:
             engine.shutdown()
         if registry is not None:
             registry.store.close()
+        if responses is not None:
+            responses.close()
 
 
 class ServerStopped(RuntimeError):

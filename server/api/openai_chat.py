@@ -29,7 +29,7 @@ from server.api.openai_tools import (
     whole_calls,
 )
 from server.errors import BadRequest
-from server.generation import ChoiceDelta, GenerationEvent, TokenUsage
+from server.generation import ChoiceDelta, GenerationEvent, PreparedRequest, TokenUsage
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -57,11 +57,27 @@ def prompt_ids(
 
 
 async def create(body: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
+    prepared, reads = prepare(body, serving)
+    return await respond(
+        request,
+        serving,
+        body,
+        prepared,
+        functools.partial(chunks, tools=reads),
+        functools.partial(response, tools=reads),
+    )
+
+
+def prepare(
+    body: ChatCompletionRequest, serving: Serving, id_prefix: str = "chatcmpl"
+) -> tuple[PreparedRequest, ToolUse | None]:
+    """The request checked and in the core's terms, with its tools when the reply is read for
+    calls (other APIs that translate into chat messages prepare through here too)."""
     use = tool_use(body, serving)
     spec = generation_request(
         body,
         prompt_ids(serving, body, use),
-        id_prefix="chatcmpl",
+        id_prefix=id_prefix,
         prompt_field="messages",
         max_tokens=body.max_completion_tokens or body.max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -76,14 +92,7 @@ async def create(body: ChatCompletionRequest, request: Request, serving: Serving
     reads = use if use is not None and use.reads_calls else None
     if reads is not None:  # the parser must see its tags, even where they are control tokens
         spec = replace(spec, keep_tokens=serving.special_tags(reads.parser.tags))
-    return await respond(
-        request,
-        serving,
-        body,
-        serving.prepare(spec),
-        functools.partial(chunks, tools=reads),
-        functools.partial(response, tools=reads),
-    )
+    return serving.prepare(spec), reads
 
 
 def response(reply: Reply, got: Collected, tools: ToolUse | None = None) -> ChatCompletionResponse:
