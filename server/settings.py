@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.loader.cpu_weights import cpu_weights_choice
 from engine.loader.quantize import QuantSpec, quantize_choice
 
 
@@ -31,6 +32,7 @@ class ServerSettings:
     adapter_dir: Path | None = None  # the only folder /v1/load_lora_adapter may read from
     quantize: str | None = None  # q2..q8: quantize a float model while loading
     quantize_group_size: int = 64
+    cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,6 +61,10 @@ class ServerSettings:
                 quantize_choice(self.quantize, self.quantize_group_size)
             except ValueError as e:
                 problems.append(str(e))
+        try:
+            cpu_weights_choice(self.cpu_weights)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 
