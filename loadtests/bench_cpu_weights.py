@@ -44,8 +44,11 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def loads(url: str, streams: int, requests_per_stream: int) -> dict[str, LoadConfig]:
+def loads(
+    url: str, streams: int, requests_per_stream: int, timeout: float
+) -> dict[str, LoadConfig]:
     chat = dict(url=url, model="smol", concurrency=1, requests=1, prompt_tokens=100)
+    chat["timeout"] = timeout
     return {
         "first chat": LoadConfig(**chat, max_tokens=16, chat=True, seed=1),
         "second chat": LoadConfig(**chat, max_tokens=16, chat=True, seed=2),
@@ -58,6 +61,7 @@ def loads(url: str, streams: int, requests_per_stream: int) -> dict[str, LoadCon
             max_tokens=64,
             warmup=4,
             seed=3,
+            timeout=timeout,
         ),
     }
 
@@ -72,7 +76,9 @@ def run_mode(mode: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
         out["ready_s"] = time.monotonic() - started
         out["rss_mib"] = rss_mib(server.pid)
         out["cpu_blas"] = httpx.get(f"{server.url}/health", timeout=10).json().get("cpu_blas")
-        for name, config in loads(server.url, args.streams, args.requests_per_stream).items():
+        for name, config in loads(
+            server.url, args.streams, args.requests_per_stream, args.timeout
+        ).items():
             clock = cpu_clock((server.pid, os.getpid()))
             report = asyncio.run(run_load(config))
             share = others_cpu(clock, (server.pid, os.getpid()))
@@ -114,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--requests-per-stream", type=int, default=1)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds one request may take (quantized 16-stream requests take minutes)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     results: dict[str, Any] = {}
