@@ -11,8 +11,10 @@ through loadgen over HTTP:
 3. 16 streams (100-token prompts, 64 output tokens, greedy, EOS ignored), one request per
    stream after a warm-up of 4: output tok/s, TTFT and ITL.
 
-It also records the server's resident memory once loaded and how much of the CPUs other
-processes used during each run (the machine may be shared).
+With `--float-folder DIR` it also serves the model exported to float32 (`python -m
+loadtests.export_hf --out DIR`), the twin dense-at-load must match. It records the server's
+resident memory once loaded and how much of the CPUs other processes used during each run (the
+machine may be shared).
 
     python -m loadtests.bench_cpu_weights --json cpu-weights.json
 """
@@ -69,10 +71,15 @@ def loads(
 def run_mode(mode: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
     port = free_port()
     argv = [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
-    argv += ["--served-model-name", "smol", "--data-dir", data, "--cpu-weights", mode]
+    argv += ["--served-model-name", "smol", "--data-dir", data]
+    if mode == "float32 folder":  # the same model exported to float32 (loadtests.export_hf)
+        argv += ["--model", str(args.float_folder)]
+    else:
+        argv += ["--cpu-weights", mode]
     started = time.monotonic()
     out: dict[str, Any] = {}
-    with running(argv, Path(data) / f"server-{mode}.log", timeout=600) as server:
+    log_path = Path(data) / f"server-{mode.replace(' ', '-')}.log"
+    with running(argv, log_path, timeout=600) as server:
         out["ready_s"] = time.monotonic() - started
         out["rss_mib"] = rss_mib(server.pid)
         out["cpu_blas"] = httpx.get(f"{server.url}/health", timeout=10).json().get("cpu_blas")
@@ -85,7 +92,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
             out[name] = {**report.to_dict(), "results": None, "others_cpu": share}
             print(mode, name, f"ttft_p50={report.ttft_p50}", f"tok/s={report.output_tok_s:.1f}")
         out["rss_mib_after"] = rss_mib(server.pid)
-    log = (Path(data) / f"server-{mode}.log").read_text()
+    log = log_path.read_text()
     out["log"] = [ln for ln in log.splitlines() if "CPU weights" in ln or "cpu blas" in ln]
     return out
 
@@ -118,6 +125,11 @@ def table(results: dict[str, dict[str, Any]], streams: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument(
+        "--float-folder",
+        type=Path,
+        help="also serve this float32 folder (python -m loadtests.export_hf --out DIR)",
+    )
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--requests-per-stream", type=int, default=1)
     ap.add_argument(
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as data:
-        for mode in args.modes:
+        modes = args.modes + (["float32 folder"] if args.float_folder else [])
+        for mode in modes:
             results[mode] = run_mode(mode, args, data)
     report = {"environment": environment(), "runs": results, "table": table(results, args.streams)}
     print(report["table"])
