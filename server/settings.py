@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.loader.cpu_weights import cpu_weights_choice
 from engine.loader.quantize import QuantSpec, quantize_choice
 
 
@@ -32,6 +33,7 @@ class ServerSettings:
     quantize: str | None = None  # q2..q8: quantize a float model while loading
     quantize_group_size: int = 64
     responses_max_stored: int = 10_000  # stored /v1/responses; the oldest go first beyond it
+    cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +64,10 @@ class ServerSettings:
                 quantize_choice(self.quantize, self.quantize_group_size)
             except ValueError as e:
                 problems.append(str(e))
+        try:
+            cpu_weights_choice(self.cpu_weights)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -64,7 +64,12 @@ class ServerState:
         under the lock ``stop`` takes, so either ``stop`` sees it and joins it or it never
         starts."""
         s = self.settings
-        loaded = loaded or load_model(s.model, quantize=s.quantize_spec)
+        loaded = loaded or load_model(
+            s.model,
+            quantize=s.quantize_spec,
+            cpu_weights=s.cpu_weights,
+            kv_cache_memory=s.kv_cache_memory,
+        )
         with self._lifecycle:
             if self.stopped:
                 raise ServerStopped("the server stopped while the model was loading")

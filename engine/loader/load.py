@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from engine.loader.build import LoadedModel
+from engine.loader.cpu_weights import apply_cpu_weights, cpu_weights_choice
 from engine.loader.gguf import load_gguf
 from engine.loader.hf import load_hf, read_config
 from engine.loader.quantize import QuantSpec, quantize_float_modules, scheme_from_config
@@ -54,9 +55,30 @@ def load_model(
     path: str | Path | None = None,
     dtype: mx.Dtype | None = None,
     quantize: QuantSpec | None = None,
+    cpu_weights: str = "quantized",
+    kv_cache_memory: int | None = None,
 ) -> LoadedModel:
     """A Hugging Face folder or a .gguf file; None loads the default model. ``quantize``
-    quantizes what is float in it (mlx-lm's choice of modules) while it loads."""
+    quantizes what is float in it (mlx-lm's choice of modules) while it loads.
+
+    ``cpu_weights`` (auto, dense, quantized): on the CPU, whether quantized layers become their
+    exact float32 dequantization (see engine.loader.cpu_weights); ``kv_cache_memory`` is the KV
+    budget the user set, which ``auto`` keeps free. The server and the command line default to
+    ``auto``; here the default keeps the layers the checkpoint has, so that code reading them
+    (conversion, export, tests of the quantized kernels) sees them on every device."""
+    cpu_weights = cpu_weights_choice(cpu_weights)  # a bad value fails before any loading
+    loaded = _load(path, dtype, quantize)
+    apply_cpu_weights(
+        loaded.model,
+        cpu_weights,
+        loaded.dtype,
+        kv_cache_memory=kv_cache_memory,
+        quantized_on_request=quantize is not None,
+    )
+    return loaded
+
+
+def _load(path: str | Path | None, dtype: mx.Dtype | None, quantize: QuantSpec | None):
     path = Path(path).expanduser() if path is not None else default_model_path()
     if not path.exists():
         raise ModelNotFound(f"model path {path} does not exist")
