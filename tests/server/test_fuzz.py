@@ -60,7 +60,9 @@ KNOWN_FAILURES: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = write_tiny_model(tmp_path_factory.mktemp("fuzz"))
-    with serving_tiny(folder, name=MODEL) as (url, _state):
+    adapters = folder / "adapters"  # so /v1/load_lora_adapter gets past "loading is off"
+    adapters.mkdir()
+    with serving_tiny(folder, name=MODEL, adapter_dir=adapters) as (url, _state):
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         yield url, schema
 
@@ -186,6 +188,9 @@ FOUND = [
     ("POST", "/v1/completions", "json-bytes", b"\xff{", 400),
     ("POST", "/v1/messages", "json-bytes", b"\xff{", 400),
     ("POST", "/v1/adapters", "multipart-bytes", b"nonsense", 400),
+    # 500s: a lora_path the file system refuses (a NUL byte; a name over its length limit).
+    ("POST", "/v1/load_lora_adapter", "json", {"lora_name": "a", "lora_path": "a\u0000b"}, 400),
+    ("POST", "/v1/load_lora_adapter", "json", {"lora_name": "a", "lora_path": "a" * 300}, 400),
 ]
 
 
