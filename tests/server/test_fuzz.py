@@ -177,6 +177,8 @@ def test_fuzz_operation(served, label):
     _assert_serving_and_idle(url)
 
 
+_LONE = b'{"model": "tiny", @: [{"role": "user", "content": "\\ud800"}]}'
+
 # Requests the fuzzer found answered wrongly, replayed on every run: (method, path, how the body
 # is sent, the body, the status it must get).
 FOUND = [
@@ -188,6 +190,19 @@ FOUND = [
     ("POST", "/v1/completions", "json-bytes", b"\xff{", 400),
     ("POST", "/v1/messages", "json-bytes", b"\xff{", 400),
     ("POST", "/v1/adapters", "multipart-bytes", b"nonsense", 400),
+    # 500s: a string holding a lone surrogate escape ("\ud800") reached the tokenizer.
+    ("POST", "/v1/chat/completions", "json-bytes", _LONE.replace(b"@", b'"messages"'), 400),
+    ("POST", "/v1/completions", "json-bytes", b'{"model": "tiny", "prompt": "\\ud800"}', 400),
+    (
+        "POST",
+        "/v1/messages",
+        "json-bytes",
+        _LONE.replace(b"@", b'"max_tokens": 2, "messages"'),
+        400,
+    ),
+    ("POST", "/v1/messages/count_tokens", "json-bytes", _LONE.replace(b"@", b'"messages"'), 400),
+    ("POST", "/v1/responses", "json-bytes", b'{"model": "tiny", "input": "\\ud800"}', 400),
+    ("POST", "/tokenize", "json-bytes", b'{"prompt": "a\\udfff"}', 400),
     # 500s: a lora_path the file system refuses (a NUL byte; a name over its length limit).
     ("POST", "/v1/load_lora_adapter", "json", {"lora_name": "a", "lora_path": "a\u0000b"}, 400),
     ("POST", "/v1/load_lora_adapter", "json", {"lora_name": "a", "lora_path": "a" * 300}, 400),
