@@ -179,8 +179,9 @@ def test_fuzz_operation(served, label):
 
 _LONE = b'{"model": "tiny", @: [{"role": "user", "content": "\\ud800"}]}'
 
-# Requests the fuzzer found answered wrongly, replayed on every run: (method, path, how the body
-# is sent, the body, the status it must get).
+# Requests found answered wrongly, replayed on every run: (method, path, how the body is sent,
+# the body, the status it must get). The fuzzer's strings never hold lone surrogates (they could
+# not be encoded to send), so those bodies are written out as JSON bytes.
 FOUND = [
     # A 500: an empty messages list passed validation and failed rebuilding the chat request.
     ("POST", "/tokenize", "json", {"messages": []}, 400),
@@ -231,3 +232,19 @@ def test_schema_covers_every_route(served):
         OPERATIONS
     )
     _assert_serving_and_idle(url)
+
+
+def test_anthropic_tool_errors_name_its_fields(served):
+    """/v1/messages checks its tools as OpenAI function tools; its errors still name the fields
+    as the request has them (``input_schema``, ``tool_choice.name``)."""
+    url, _ = served
+    base = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    tools = [{"name": "f", "input_schema": {"type": "banana"}}]
+    r = httpx.post(f"{url}/v1/messages", json={**base, "tools": tools}, timeout=REQUEST_TIMEOUT)
+    assert r.status_code == 400, r.text
+    _check_error_shape("/v1/messages", r.json())
+    assert r.json()["error"]["message"].startswith("tools[0].input_schema: "), r.text
+    choice = {"type": "tool", "name": "nope"}
+    r = httpx.post(f"{url}/v1/messages", json={**base, "tool_choice": choice}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("tool_choice.name: "), r.text
