@@ -116,6 +116,21 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), (params[0] if len(params) == 1 else None)
 
 
+# The error type of an HTTP status the framework raised (a body it cannot parse, a wrong method).
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def _http_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return _HTTP_TYPES.get(status, "invalid_request_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -129,9 +144,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "error")
-        body = _body(request.url.path, e.status_code, kind, str(e.detail))
-        return JSONResponse(body, e.status_code)
+        body = _body(request.url.path, e.status_code, _http_type(e.status_code), str(e.detail))
+        return JSONResponse(body, e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:

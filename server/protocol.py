@@ -14,6 +14,46 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class TextBody(BaseModel):
+    """A request body whose strings are all text. JSON lets a string carry a lone UTF-16
+    surrogate (``"\\ud800"``), which no text encoding, and so no tokenizer, can take: such a
+    body is refused here, naming where, before anything tries to encode it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where}: the string holds a lone surrogate (not text)")
+        return data
+
+
+def lone_surrogate_at(value: Any, where: str = "") -> str | None:
+    """The path of the first string (or key) in decoded JSON that is not encodable text."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        at = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and lone_surrogate_at(key) is not None:
+            return f"{where} (a key)" if where else "body (a key)"
+        found = lone_surrogate_at(item, at)
+        if found is not None:
+            return found
+    return None
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -50,7 +90,7 @@ class StructuredOutputs(_Lenient):
     json_object: bool | None = None
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Lenient, TextBody):
     """The fields chat and completions requests share."""
 
     model: str
@@ -281,10 +321,10 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Lenient, TextBody):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -301,7 +341,7 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Lenient, TextBody):
     model: str | None = None
     tokens: list[int]
 
@@ -310,10 +350,10 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class LoadLoRARequest(_Lenient):
+class LoadLoRARequest(_Lenient, TextBody):
     lora_name: str
     lora_path: str
 
 
-class UnloadLoRARequest(_Lenient):
+class UnloadLoRARequest(_Lenient, TextBody):
     lora_name: str

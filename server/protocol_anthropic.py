@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.protocol import TextBody
+
 
 class _Lenient(BaseModel):
     """Requests accept fields we do not use (``metadata``, ``cache_control``, ...)."""
@@ -66,7 +68,7 @@ class ToolChoice(_Lenient):
         return self
 
 
-class Conversation(_Lenient):
+class Conversation(_Lenient, TextBody):
     """What a prompt is made of: the fields /v1/messages and /count_tokens share."""
 
     model: str

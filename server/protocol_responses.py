@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from server.protocol import FunctionDefinition
+from server.protocol import FunctionDefinition, TextBody
 
 
 class _Lenient(BaseModel):
@@ -44,7 +44,7 @@ MetadataKey = Annotated[str, StringConstraints(max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
-class ResponsesRequest(_Lenient):
+class ResponsesRequest(_Lenient, TextBody):
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -71,7 +72,19 @@ def tool_use(body: Conversation, serving: Serving) -> ToolUse | None:
     if (c := body.tool_choice) is not None:
         choice = _CHOICES.get(c.type) or {"type": "function", "function": {"name": c.name}}
         parallel = not c.disable_parallel_tool_use
-    return checked_tools(tools, choice, parallel, serving)
+    try:
+        return checked_tools(tools, choice, parallel, serving)
+    except BadRequest as e:  # checked as OpenAI tools: name the fields as this request has them
+        raise BadRequest(_anthropic_names(e.message), _anthropic_names(e.param), e.code) from e
+
+
+def _anthropic_names(text: str | None) -> str | None:
+    """OpenAI's tool field names in ``text`` as Anthropic's."""
+    if text is None:
+        return None
+    text = re.sub(r"(tools\[\d+\])\.function\.parameters", r"\1.input_schema", text)
+    text = re.sub(r"(tools\[\d+\])\.function\.", r"\1.", text)
+    return text.replace("tool_choice.function.name", "tool_choice.name")
 
 
 def template_messages(body: Conversation) -> list[dict[str, Any]]:

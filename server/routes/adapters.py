@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from server.adapter_service import AdapterService
-from server.errors import NotFound, TooLarge
+from server.errors import BadRequest, NotFound, TooLarge
 from server.protocol import LoadLoRARequest, UnloadLoRARequest
 from server.routes.deps import state_of
 
@@ -64,8 +64,12 @@ async def delete_adapter(name: str, request: Request) -> dict:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> Response:
     svc = service(request)
-    folder = svc.allowed_folder(Path(body.lora_path))
-    files = svc.read_folder(folder)
+    try:
+        folder = svc.allowed_folder(Path(body.lora_path))
+        files = svc.read_folder(folder)
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system
+        reason = getattr(e, "strerror", None) or str(e)
+        raise BadRequest(f"lora_path is not a usable path: {reason}", param="lora_path") from e
     version = await asyncio.to_thread(svc.register, body.lora_name, *files)
     return JSONResponse(svc.describe(version))
 
