@@ -46,9 +46,7 @@ from tests.engine.test_gguf_tensors import awkward_matrix
 from tests.engine.test_gguf_tensors import write_gguf as write_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
-# ../shared beside the repository (or beside the folder of worktrees that holds it).
-CANDIDATES = [ROOT.parent / "shared", ROOT.parent.parent / "shared"]
-KQUANTS = next((p for p in CANDIDATES if p.is_dir()), CANDIDATES[0]) / "models" / "kquants"
+KQUANTS = ROOT.parent / "shared" / "models" / "kquants"  # the shared test data beside the repo
 FILES = ["F32", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q5_0", "Q5_1", "Q8_0"]
 NORMS = [f"model.layers.{i}.{n}_layernorm" for i in (0, 1) for n in ("input", "post_attention")]
 NORMS.append("model.norm")
