@@ -37,8 +37,7 @@ from tests.engine.test_models_vs_transformers import our_greedy
 from tests.engine.tiny_models import VOCAB, build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-CANDIDATES = [ROOT.parent / "shared", ROOT.parent.parent / "shared"]
-SHARED = next((p for p in CANDIDATES if p.is_dir()), CANDIDATES[0])
+SHARED = ROOT.parent / "shared"  # the shared test data beside the repository
 KQUANTS = SHARED / "models" / "kquants"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.gguf"
 PROMPT = [1, 17, 42, 99, 5, 200, 31, 64, 7, 150]
