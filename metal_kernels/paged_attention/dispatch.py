@@ -72,9 +72,7 @@ def self_check(kernel: Kernel, sig: Signature) -> str | None:
     want = np.array(
         reference.paged_decode_attention(*case.args(), **case.kwargs()).astype(mx.float32)
     )
-    params = inspect.signature(kernel).parameters
-    knob = "num_splits" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-    variants = [{}, {"num_splits": 1}, {"num_splits": 3}] if knob else [{}]
+    variants = [{}, {"num_splits": 1}, {"num_splits": 3}] if takes_split_plans(kernel) else [{}]
     tol = TOLERANCE.get(sig.dtype, 1e-2)
     for extra in variants:
         got = np.array(kernel(*case.args(), **case.kwargs(), **extra).astype(mx.float32))
@@ -89,6 +87,12 @@ def self_check(kernel: Kernel, sig: Signature) -> str | None:
                 f"({case.describe()}, {extra or 'default plan'})"
             )
     return None
+
+
+def takes_split_plans(kernel: Kernel) -> bool:
+    """Whether ``kernel`` takes a ``num_splits`` knob (the GPU kernels; not the CPU's path)."""
+    params = inspect.signature(kernel).parameters
+    return "num_splits" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def check_supported(q: mx.array, k_pool: mx.array) -> list[str]:
@@ -175,9 +179,12 @@ class PagedAttentionDispatcher:
 
 
 def device_kernel() -> tuple[str, Kernel | None]:
-    """The default device's kernel: Metal on a Metal GPU, CUDA on a CUDA GPU, none on the CPU."""
+    """The default device's kernel: Metal on a Metal GPU, CUDA on a CUDA GPU, and on the CPU
+    the plain-MLX formulation that suits its ops (``cpu.py``)."""
     if mx.default_device().type != mx.gpu:
-        return "cpu", None
+        from metal_kernels.paged_attention import cpu
+
+        return "cpu", cpu.paged_decode_attention
     if mx.metal.is_available():
         from metal_kernels.paged_attention import metal
 

@@ -1,7 +1,8 @@
 """Paged decode attention: the reference against float64 numpy, the launch plan, the dispatcher's
 trust rule, and (where the hardware exists) the Metal and CUDA kernels against both.
 
-CI runs on a CPU: there the kernels' parity tests skip with the reason, and everything else runs.
+CI runs on a CPU: there the GPU kernels' parity tests skip with the reason, and everything else
+runs, the CPU's own formulation included.
 The GPU sweep is the same function ``gpu_check.py`` runs, so a GPU run and CI check the same cases.
 """
 
@@ -14,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metal_kernels.paged_attention import dispatch, reference
+from metal_kernels.paged_attention import cpu, dispatch, reference
 from metal_kernels.paged_attention.dispatch import PagedAttentionDispatcher, Signature
 from metal_kernels.paged_attention.gpu_check import (
     lengths_for,
@@ -136,15 +137,18 @@ def small_case(dtype=mx.float16, window=None):
     )
 
 
-def test_cpu_dispatcher_runs_the_reference():
+def test_cpu_dispatcher_runs_the_cpu_path_once_it_agrees_with_the_reference():
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
     try:
-        assert dispatch.device_kernel() == ("cpu", None)
-        assert dispatch.get_dispatcher().kernel is None
-        case = small_case()
-        got = run(dispatch.paged_decode_attention, case)
-        assert mx.array_equal(got, run(reference.paged_decode_attention, case))
+        assert dispatch.device_kernel() == ("cpu", cpu.paged_decode_attention)
+        d = PagedAttentionDispatcher(*dispatch.device_kernel())
+        case = small_case(mx.float32)
+        got = run(d, case)
+        assert d.trusted == {Signature(mx.float32, 64, 16, 2, False): True}
+        assert mx.array_equal(got, run(cpu.paged_decode_attention, case))
+        want = run(reference.paged_decode_attention, case)
+        assert max_error(got, want) <= 1e-5
     finally:
         mx.set_default_device(previous)
 
@@ -224,6 +228,15 @@ def assert_parity(kernel) -> None:
     failures = [f for row in report.values() for f in row["failures"]]
     assert not failures, "\n".join(failures[:20])
     assert all(row["cases"] > 0 for row in report.values())
+
+
+def test_cpu_path_matches_naive_attention():
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert_parity(cpu.paged_decode_attention)
+    finally:
+        mx.set_default_device(previous)
 
 
 @pytest.mark.skipif(
