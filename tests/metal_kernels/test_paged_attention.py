@@ -230,6 +230,15 @@ def assert_parity(kernel) -> None:
     assert all(row["cases"] > 0 for row in report.values())
 
 
+def test_cpu_path_rebuilds_its_row_index_when_the_tables_change():
+    a = random_case([5, 40], num_kv_heads=2, gqa=2, head_dim=32, block_size=8, dtype=mx.float32)
+    b = random_case([33, 2, 17], num_kv_heads=2, gqa=2, head_dim=32, block_size=8, dtype=mx.float32)
+    c = random_case([9], num_kv_heads=4, gqa=1, head_dim=32, block_size=4, dtype=mx.float32)
+    for case in (a, a, b, a, c, b):
+        want = run(reference.paged_decode_attention, case)
+        assert max_error(run(cpu.paged_decode_attention, case), want) <= 1e-5, case.describe()
+
+
 def test_cpu_path_matches_naive_attention():
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
