@@ -100,6 +100,9 @@ PRESETS: dict[str, Preset] = {
         "qwen2", 1536, 28, 12, 2, 8960, 151936, 1000000.0, 32768, 1e-6,
         tied=True, qkv_bias=True, extra=QWEN_WINDOW,
     ),
+    "llama-50m": Preset(  # 58M parameters: the CPU side-by-side's model
+        "llama", 512, 8, 8, 4, 1536, 32000, 500000.0, 8192, 1e-5,
+    ),
     "tiny": Preset(
         "llama", 64, 2, 4, 2, 128, 512, 500000.0, 16384, 1e-5,
         extra=(("rope_scaling", LLAMA3_ROPE),),
