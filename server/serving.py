@@ -146,6 +146,11 @@ class Serving:
 
     def prepare(self, spec: GenerationRequest) -> PreparedRequest:
         """Every check that needs no resources; raises ``BadRequest`` or ``NotFound``."""
+        if self.loaded.pooling is not None:
+            raise BadRequest(
+                f"the model {self.served_name!r} is an embedding model: use POST /v1/embeddings",
+                param="model",
+            )
         prompts = (spec.prompt_ids, *spec.more_prompts)
         for i, prompt in enumerate(prompts):
             where = spec.prompt_field if len(prompts) == 1 else f"{spec.prompt_field}[{i}]"
