@@ -17,6 +17,7 @@ import pytest
 
 from server.settings import ServerSettings
 from server.state import ServerState
+from tests.engine.tiny_embedders import build_tiny_decoder_embedder, hidden_states, reference_pool
 from tests.server.fixtures import running_server, serving_tiny, write_tiny_model
 
 pytest.importorskip("torch")
@@ -282,3 +283,22 @@ def test_an_encoder_alone_serves_embeddings_only(alone, st_model):
     # Asking for the full size is asking for nothing to change.
     r = httpx.post(url + "/v1/embeddings", json={"model": name, "input": "a", "dimensions": 384})
     assert r.status_code == 200
+
+
+def test_a_decoder_embedding_model_embeds_through_the_paged_engine(tmp_path):
+    """A Qwen3-Embedding-style folder (bare decoder, last-token pooling) as the model: its
+    embeddings equal transformers' forward with the same pooling; it does not chat."""
+    reference = build_tiny_decoder_embedder(tmp_path / "qwen3-embed", "lasttoken")
+    texts = ["w5 w9 w3", " ".join(f"w{i % 250 + 3}" for i in range(150)), "w7"]
+    with serving_tiny(tmp_path / "qwen3-embed", "qwen3-embed", num_blocks=128) as (url, state):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.embeddings.create(model="qwen3-embed", input=texts, encoding_format="float")
+        tokenizer = state.serving.tokenizer
+        for text, got in zip(texts, vectors(r), strict=True):
+            ids = tokenizer.encode(text)
+            expected = reference_pool(hidden_states(reference, ids), "lasttoken")
+            np.testing.assert_allclose(got, expected, atol=2e-5)
+        chat = {"model": "qwen3-embed", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(url + "/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
+        assert not state.engine.core.has_work and state.engine.core.kv.usage == 0
