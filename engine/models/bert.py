@@ -21,8 +21,45 @@ import numpy as np
 from engine.config import ConfigError
 from engine.models.attention import attention
 
+# erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (±1 beyond, in float32): a minimax rational approximation
+# (the one Eigen and XLA use for float32 erf), within 5e-7 of erf everywhere.
+_ERF_P = (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02,
+)  # fmt: skip
+_ERF_Q = (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)  # fmt: skip
+
+
+def _erf(x: mx.array) -> mx.array:
+    x = mx.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p, q = _ERF_P[0], _ERF_Q[0]
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+@mx.compile
+def _gelu_rational(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
+
+
+def gelu(x: mx.array) -> mx.array:
+    """GELU with erf (torch's default). On the CPU, MLX's erf is a scalar loop (0.16 s for
+    4096x1536, half of a MiniLM layer's time at batch 64); the rational erf above, compiled into
+    one fused loop of multiplies and adds (MLX builds it with the system's g++, or runs the ops
+    one by one without it: 0.086 s), takes 0.023 s and stays within 1.4e-6 of the exact GELU.
+    Other devices use MLX's own."""
+    return _gelu_rational(x) if mx.default_device() == mx.cpu else nn.gelu(x)
+
+
 _ACTIVATIONS = {
-    "gelu": nn.gelu,  # erf, as torch's default
+    "gelu": gelu,  # erf, as torch's default
     "gelu_new": nn.gelu_approx,  # tanh approximation
     "gelu_pytorch_tanh": nn.gelu_approx,
     "relu": nn.relu,
