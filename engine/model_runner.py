@@ -10,6 +10,7 @@ import numpy as np
 
 from engine.lora.device import DeviceLoRA
 from engine.lora.slot_table import SlotLoad
+from engine.models import pooling
 from engine.models.base import CausalLM
 from engine.models.paged import AttentionMetadata, PagedKVStore, PrefillSegment
 from engine.outputs import ModelRunnerOutput, TokenLogprob
@@ -36,6 +37,17 @@ class ModelInput:
     sampling_rows: tuple[SamplingRow | None, ...]  # [R]; None: sampled late
     late_requests: tuple[Request, ...]  # the requests of the None rows, in order
     token_slots: list[int]  # [T] each token's adapter slot (0: the base model)
+    pooled: tuple[PooledChunk, ...] = ()  # embedding requests' prompt chunks, pooled not sampled
+
+
+@dataclass(frozen=True, slots=True)
+class PooledChunk:
+    """An embedding request's prompt tokens of this step, at ``segment`` of the flat row;
+    ``last`` when they end its prompt (the step then yields its embedding)."""
+
+    request: Request
+    segment: pooling.Segment
+    last: bool
 
 
 @dataclass(slots=True)
@@ -63,10 +75,12 @@ class InFlightStep:
     late_rows: tuple[int, ...] = ()
     late_requests: tuple[Request, ...] = ()
     late_logits: mx.array | None = None  # [L, V], sampled by ``sample_late``
+    pooled: dict[str, mx.array] = field(default_factory=dict)  # finished embeddings [D]
 
     @property
     def samples(self) -> bool:
-        return bool(self.ids)
+        """Whether the step yields anything: tokens or embeddings."""
+        return bool(self.ids or self.pooled)
 
 
 class ModelRunner:
@@ -103,13 +117,15 @@ class ModelRunner:
             self.lora.set_step(inputs.token_slots)
         caches = self.store.layer_caches(inputs.attention, self.windows)
         hidden = self.model.hidden(inputs.token_ids[None], caches)[0]  # [T, hidden]
+        pooled = self._pool(inputs.pooled, hidden)
         if not inputs.sampling:
-            mx.async_eval(self.store.state)
-            return InFlightStep()
+            mx.async_eval(self.store.state, *pooled.values())
+            return InFlightStep(pooled=pooled)
         logits = self.model.logits(hidden[inputs.logits_indices])  # [R, vocab]
         step = InFlightStep(
             ids=tuple(item.request.request_id for item in inputs.sampling),
             counts=tuple(item.num_sampled for item in inputs.sampling),
+            pooled=pooled,
         )
         early = [i for i, row in enumerate(inputs.sampling_rows) if row is not None]
         late = [i for i, row in enumerate(inputs.sampling_rows) if row is None]
@@ -126,8 +142,23 @@ class ModelRunner:
             step.late_requests = tuple(inputs.late_requests)
             step.late_logits = logits[mx.array(late)]
             mx.async_eval(step.late_logits)
-        mx.async_eval(self.store.state)
+        mx.async_eval(self.store.state, *pooled.values())
         return step
+
+    def _pool(self, chunks: tuple[PooledChunk, ...], hidden: mx.array) -> dict[str, mx.array]:
+        """Fold each embedding request's chunk into its pooling so far; the embeddings of the
+        requests whose prompts end here. hidden: [T, D]."""
+        finished: dict[str, mx.array] = {}
+        for chunk in chunks:
+            request, config = chunk.request, chunk.request.pooling
+            part = pooling.reduce(config.mode, hidden, [chunk.segment])[0]  # [D]
+            if chunk.segment.position > 0 and request.pooled_so_far is not None:
+                part = pooling.combine(config.mode, request.pooled_so_far, part)
+            request.pooled_so_far = None if chunk.last else part
+            if chunk.last:
+                counts = [request.num_prompt_tokens]
+                finished[request.request_id] = pooling.finish(config, part[None], counts)[0]
+        return finished
 
     def sample_late(self, step: InFlightStep) -> None:
         """Sample the rows that needed the host to catch up (call once the step before this
@@ -165,6 +196,9 @@ class ModelRunner:
         """The sampled tokens of a submitted step (waits for the device)."""
         if not step.samples:
             return ModelRunnerOutput()
+        pooled = {rid: np.array(vector) for rid, vector in step.pooled.items()}
+        if not step.ids:
+            return ModelRunnerOutput(pooled=pooled)
         self.sample_late(step)
         num_rows = sum(step.counts)
         token_ids: list[int] = [0] * num_rows
@@ -190,7 +224,7 @@ class ModelRunner:
                     for lp in lps
                 ]
             row += count
-        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs)
+        return ModelRunnerOutput(sampled=sampled, logprobs=logprobs, pooled=pooled)
 
     def prepare_inputs(self, output: SchedulerOutput) -> ModelInput:
         bs = self.store.block_size
@@ -202,6 +236,7 @@ class ModelRunner:
         segments: list[PrefillSegment] = []
         sampling: list[ScheduledRequest] = []
         sampling_rows: list[SamplingRow | None] = []
+        pooled: list[PooledChunk] = []
         late_requests: list[Request] = []
         logits_indices: list[int] = []
         vocab = self.model.config.vocab_size
@@ -236,7 +271,10 @@ class ModelRunner:
                         block_table=mx.array(table[None, :n_blocks], dtype=mx.int32),
                     )
                 )
-            if item.samples:
+            if item.request.pooling is not None:
+                segment = pooling.Segment(start, item.num_tokens, item.start)
+                pooled.append(PooledChunk(item.request, segment, item.samples))
+            elif item.samples:
                 sampling.append(item)
                 first = len(tokens) - 1 - len(drafts)
                 logits_indices.extend(range(first, len(tokens)))
@@ -280,4 +318,5 @@ class ModelRunner:
             sampling_rows=tuple(sampling_rows),
             late_requests=tuple(late_requests),
             token_slots=token_slots,
+            pooled=tuple(pooled),
         )

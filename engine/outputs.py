@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.request import Request
 
 
@@ -24,6 +26,7 @@ class ModelRunnerOutput:
 
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # embeddings [D] float32
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
     queued_s: float | None = None  # on the first token: arrival to first scheduled (seconds)
+    embedding: np.ndarray | None = None  # a pooling request's result [D] float32 (finished)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by ``later`` of the same request, as one: a caller that fell
@@ -64,6 +68,7 @@ class RequestOutput:
             logprobs=self.logprobs + later.logprobs,
             error=later.error,
             queued_s=self.queued_s if self.queued_s is not None else later.queued_s,
+            embedding=later.embedding,
         )
 
 
@@ -74,6 +79,7 @@ def request_output(
     *,
     error: str | None = None,
     queued_s: float | None = None,
+    embedding: np.ndarray | None = None,
 ) -> RequestOutput:
     """The one place a ``RequestOutput`` is built: new tokens, a finish (stop, length, abort)
     or a failure all read the request as it stands now."""
@@ -89,4 +95,5 @@ def request_output(
         logprobs=tuple(logprobs),
         error=error,
         queued_s=queued_s,
+        embedding=embedding,
     )

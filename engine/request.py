@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.lora.request import LoRARequest
+from engine.pooling import PoolingConfig
 from engine.sampling_params import SamplingParams
 from engine.spec.proposer import DraftProposer
 from engine.structured.constraint import TokenConstraint
@@ -56,6 +57,10 @@ class Request:
     constraint: TokenConstraint | None = None  # which tokens may come next, if constrained
     logits_processors: tuple[LogitsProcessor, ...] = ()
     proposer: DraftProposer | None = None  # drafts for speculative steps, if any
+    # An embedding request: its prompt's final hidden states pooled into one vector, which
+    # its last prefill step yields instead of a token.
+    pooling: PoolingConfig | None = None
+    pooled_so_far: object | None = None  # the runner's partial pooling over earlier chunks
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -130,9 +135,14 @@ class EngineRequest:
     constraint: TokenConstraint | None = None
     logits_processors: tuple[LogitsProcessor, ...] = ()
     proposer: DraftProposer | None = None
+    pooling: PoolingConfig | None = None
 
     def to_request(self) -> Request:
         salts = [s for s in (self.lora.key if self.lora else None, self.cache_salt) if s]
+        if self.pooling is not None and self.pooling.mode.needs_every_token:
+            # Pooled over every token's hidden state: a cached prefix (whose states were never
+            # computed) must not be reused, so its blocks hash apart from everyone's.
+            salts.append(f"pool:{self.request_id}")
         return Request(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_token_ids),
@@ -144,4 +154,5 @@ class EngineRequest:
             constraint=self.constraint,
             logits_processors=tuple(self.logits_processors),
             proposer=self.proposer,
+            pooling=self.pooling,
         )

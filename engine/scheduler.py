@@ -177,6 +177,13 @@ class Scheduler:
         outputs = []
         for item in output.scheduled:
             request = item.request
+            embedding = result.pooled.get(request.request_id)
+            if embedding is not None and request.status == RequestStatus.RUNNING:
+                self._finish(request, RequestStatus.FINISHED_STOPPED)  # its prompt is pooled
+                outputs.append(
+                    request_output(request, embedding=embedding, queued_s=_queued(request))
+                )
+                continue
             sampled = result.sampled.get(request.request_id)
             if sampled is None or request.status != RequestStatus.RUNNING:
                 continue  # finished, aborted or preempted since: the tokens are dropped

@@ -53,6 +53,10 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{folder} has no tokenizer.json")
         inner = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        # Some tokenizer.json files fix a padding and truncation length (BERT exports pad to
+        # 128): an encoding is exactly the text's tokens; callers decide lengths.
+        inner.no_padding()
+        inner.no_truncation()
         config = _read_json(folder / "tokenizer_config.json")
         bos = _token_id(inner, config.get("bos_token"), "bos_token")
         eos = _token_id(inner, config.get("eos_token"), "eos_token")
@@ -92,10 +96,19 @@ class Tokenizer:
 
     # --- tokens -------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[int]:
         """Special tokens written in `text` (e.g. `<|im_start|>`) are matched whole, as in
-        transformers; `add_special_tokens` only controls the BOS/EOS the tokenizer adds."""
-        return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
+        transformers; `add_special_tokens` only controls the BOS/EOS the tokenizer adds.
+        `max_length` truncates as transformers does: the text's tokens are cut at the end so
+        that, with the special tokens added, at most that many remain."""
+        if max_length is None:
+            return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
+        encoding = self._inner.encode(text, add_special_tokens=False)
+        added = self._inner.num_special_tokens_to_add(False) if add_special_tokens else 0
+        encoding.truncate(max(max_length - added, 0))
+        return self._inner.post_process(encoding, None, add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._inner.decode(list(ids), skip_special_tokens=skip_special_tokens)

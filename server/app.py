@@ -13,7 +13,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.engine_thread import release_thread_state
 from server.errors import TooLarge, Unauthorized, error_response, install_error_handlers
-from server.routes import adapters, completions, health, messages, models, responses, tokenize
+from server.routes import (
+    adapters,
+    completions,
+    embeddings,
+    health,
+    messages,
+    models,
+    responses,
+    tokenize,
+)
 from server.settings import ServerSettings
 from server.state import ServerState, ServerStopped
 
@@ -75,6 +84,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app.include_router(tokenize.router, dependencies=guarded)
     app.include_router(adapters.router, dependencies=guarded)
     app.include_router(responses.router, dependencies=guarded)
+    app.include_router(embeddings.router, dependencies=guarded)
     app.include_router(health.router)
     return app
 

@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the only folder /v1/load_lora_adapter may read adapters from",
     )
     srv.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", "30"))
+    srv.add_argument(
+        "--embedding-model",
+        default=env("EMBEDDING_MODEL"),
+        help="an encoder model folder (BERT family) served for /v1/embeddings beside --model",
+    )
+    srv.add_argument(
+        "--embedding-batch-tokens",
+        type=int,
+        default=env("EMBEDDING_BATCH_TOKENS", "2048"),
+        help="input tokens an encoder embeds per engine step (default 2048)",
+    )
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     _cpu_weights_flag(srv)
     srv.set_defaults(run=run_serve)
@@ -234,6 +245,8 @@ def run_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         quantize_group_size=args.quantize_group_size,
         cpu_weights=args.cpu_weights,
+        embedding_model=args.embedding_model,
+        embedding_batch_tokens=args.embedding_batch_tokens,
     )
     return serve(settings)
 
@@ -241,6 +254,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from engine.detokenizer import IncrementalDetokenizer
     from engine.generate import GenerationSettings, generate_tokens
+    from engine.loader.encoder import LoadedEncoder
     from engine.loader.load import load_model
 
     # Built before loading so bad settings fail at once; the stop tokens come from the model.
@@ -251,6 +265,8 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else secrets.randbits(63),
     )
     loaded = load_model(args.model, quantize=_quantize_spec(args), cpu_weights=args.cpu_weights)
+    if isinstance(loaded, LoadedEncoder):
+        raise ValueError(f"{loaded.name} is an encoder: serve it and use /v1/embeddings")
     tokenizer = loaded.tokenizer
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])

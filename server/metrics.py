@@ -89,6 +89,16 @@ class ServerMetrics:
         self.requests = Counter(
             "candlewick_requests", "Finished requests", ["model", "finish_reason"], registry=r
         )
+        self.embedding_requests = Counter(
+            "candlewick_embedding_requests", "Embedding requests answered", ["model"], registry=r
+        )
+        self.embedding_tokens = Counter(
+            "candlewick_embedding_tokens", "Input tokens embedded", ["model"], registry=r
+        )
+        self.embedding_latency = Histogram(
+            "candlewick_embedding_request_latency_seconds", "Embedding request latency",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(_EngineCollector(snapshot))
         self._series: dict[str, ModelSeries] = {}
 

@@ -82,6 +82,8 @@ def serve(settings: ServerSettings) -> int:
     )
     try:
         name = check_model(settings.model)
+        if settings.embedding_model is not None:
+            check_model(settings.embedding_model)
         name = settings.served_model_name or name
         sock = listen(settings.host, settings.port)
     except StartupError as e:

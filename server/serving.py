@@ -96,6 +96,7 @@ class Serving:
     ) -> list[int]:
         """Messages through the model's chat template. Content given as parts keeps its text
         parts (OpenAI's and Anthropic's ``{"type": "text", "text": ...}``)."""
+        self._check_generative()
         rendered = []
         for m in messages:
             m = dict(m)
@@ -110,6 +111,14 @@ class Serving:
             return self.tokenizer.encode_chat(rendered, add_generation_prompt, **template_args)
         except ChatTemplateError as e:
             raise BadRequest(str(e), param="messages") from None
+
+    def _check_generative(self) -> None:
+        """An embedding model (a pooling config) serves /v1/embeddings, not generation."""
+        if self.loaded.pooling is not None:
+            raise BadRequest(
+                f"the model {self.served_name!r} is an embedding model: use POST /v1/embeddings",
+                param="model",
+            )
 
     def token_prompt(self, ids: Sequence[int], field: str = "prompt") -> list[int]:
         """A prompt given as token ids, each checked against the vocabulary."""
@@ -146,6 +155,7 @@ class Serving:
 
     def prepare(self, spec: GenerationRequest) -> PreparedRequest:
         """Every check that needs no resources; raises ``BadRequest`` or ``NotFound``."""
+        self._check_generative()
         prompts = (spec.prompt_ids, *spec.more_prompts)
         for i, prompt in enumerate(prompts):
             where = spec.prompt_field if len(prompts) == 1 else f"{spec.prompt_field}[{i}]"

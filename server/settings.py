@@ -34,6 +34,8 @@ class ServerSettings:
     quantize_group_size: int = 64
     responses_max_stored: int = 10_000  # stored /v1/responses; the oldest go first beyond it
     cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
+    embedding_model: str | None = None  # an encoder served for embeddings beside the model
+    embedding_batch_tokens: int = 2048  # tokens of one encoder step
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +59,10 @@ class ServerSettings:
             problems.append(f"--max-adapter-bytes must be >= 1, got {self.max_adapter_bytes}")
         if self.responses_max_stored < 1:
             problems.append(f"--responses-max-stored must be >= 1, got {self.responses_max_stored}")
+        if self.embedding_batch_tokens < 1:
+            problems.append(
+                f"--embedding-batch-tokens must be >= 1, got {self.embedding_batch_tokens}"
+            )
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.quantize is not None:

@@ -12,13 +12,18 @@ from pathlib import Path
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
+from engine.core_group import CoreGroup, StepCore
+from engine.encoder_core import EncoderCore, EncodeRequest
 from engine.engine_core import EngineCore
 from engine.loader.build import LoadedModel
+from engine.loader.encoder import LoadedEncoder
 from engine.loader.load import load_model
+from engine.request import EngineRequest
 from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
+from server.embeddings import Embedder
 from server.metrics import ServerMetrics
 from server.responses_store import ResponsesStore
 from server.serving import Serving
@@ -39,6 +44,7 @@ class ServerState:
     registry: AdapterRegistry | None = None
     adapters: AdapterService | None = None
     responses: ResponsesStore | None = None  # stored /v1/responses
+    embedders: dict[str, Embedder] = field(default_factory=dict)  # embedding models by name
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
@@ -51,14 +57,19 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.serving is not None
+        return self.serving is not None or bool(self.embedders)
 
     def snapshot(self) -> EngineStats:
         """The engine's latest published statistics (a frozen snapshot; any thread may read)."""
         return self.engine.stats if self.engine is not None else EngineStats()
 
-    def start(self, loaded: LoadedModel | None = None) -> None:
-        """Load the model (unless given) and start the engine; called once, off the loop.
+    def start(
+        self,
+        loaded: LoadedModel | LoadedEncoder | None = None,
+        embedding: LoadedEncoder | None = None,
+    ) -> None:
+        """Load the model and the embedding model beside it, if any (unless given), and start
+        the engine; called once, off the loop.
 
         Raises ``ServerStopped`` if ``stop`` came first: the engine thread is started only
         under the lock ``stop`` takes, so either ``stop`` sees it and joins it or it never
@@ -70,12 +81,17 @@ class ServerState:
             cpu_weights=s.cpu_weights,
             kv_cache_memory=s.kv_cache_memory,
         )
+        if embedding is None and s.embedding_model is not None:
+            embedding = load_embedding_model(s.embedding_model, loaded, s.served_model_name)
         with self._lifecycle:
             if self.stopped:
                 raise ServerStopped("the server stopped while the model was loading")
-            self._start_engine(loaded)
+            if isinstance(loaded, LoadedEncoder):
+                self._start_embeddings_only(loaded)
+            else:
+                self._start_engine(loaded, embedding)
 
-    def _start_engine(self, loaded: LoadedModel) -> None:
+    def _start_engine(self, loaded: LoadedModel, embedding: LoadedEncoder | None = None) -> None:
         s = self.settings
         config = EngineConfig(
             max_num_seqs=s.max_num_seqs,
@@ -92,7 +108,9 @@ class ServerState:
         self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
-        self.engine = AsyncEngine(core)
+        encoder = self._encoder_core(embedding) if embedding is not None else None
+        cores = {EngineRequest: core} | ({EncodeRequest: encoder} if encoder else {})
+        self.engine = AsyncEngine(CoreGroup(cores) if encoder else core)
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         self.serving = Serving(
             engine=self.engine,
@@ -117,6 +135,27 @@ class ServerState:
         log.info(
             "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
         )
+        shared = dict(engine=self.engine, metrics=self.metrics, admission=self.admission)
+        if loaded.pooling is not None:
+            name = self.serving.served_name
+            self.embedders[name] = Embedder.for_decoder(loaded, name, max_model_len, **shared)
+        if embedding is not None:
+            self.embedders[embedding.name] = Embedder.for_encoder(
+                embedding, embedding.name, **shared
+            )
+
+    def _encoder_core(self, loaded: LoadedEncoder) -> StepCore:
+        return EncoderCore(loaded.model, loaded.pooling, self.settings.embedding_batch_tokens)
+
+    def _start_embeddings_only(self, loaded: LoadedEncoder) -> None:
+        """An encoder as the model: embeddings only (the generation routes answer 400)."""
+        s = self.settings
+        self.engine = AsyncEngine(self._encoder_core(loaded))
+        self.admission = Admission(s.max_num_seqs, s.max_queue)
+        name = s.served_model_name or loaded.name
+        shared = dict(engine=self.engine, metrics=self.metrics, admission=self.admission)
+        self.embedders[name] = Embedder.for_encoder(loaded, name, **shared)
+        log.info("serving %s for embeddings (max length %d)", name, loaded.max_length)
 
     def stop(self) -> None:
         """Stop the engine thread (joined: no MLX work outlives it) and close the adapter
@@ -130,6 +169,26 @@ class ServerState:
             registry.store.close()
         if responses is not None:
             responses.close()
+
+
+def load_embedding_model(
+    path: str, beside: LoadedModel | LoadedEncoder, served_name: str | None = None
+) -> LoadedEncoder:
+    """The ``--embedding-model``: an encoder, served beside a generative model."""
+    if isinstance(beside, LoadedEncoder):
+        raise ConfigError(
+            f"--model {beside.name} is an embedding model already: --embedding-model serves an "
+            "encoder beside a chat model"
+        )
+    loaded = load_model(path)
+    if not isinstance(loaded, LoadedEncoder):
+        raise ConfigError(
+            f"--embedding-model {path} is not an encoder (BERT family); a decoder embedding "
+            "model is served with --model"
+        )
+    if loaded.name == (served_name or beside.name):
+        raise ConfigError(f"--model and --embedding-model are both named {loaded.name!r}")
+    return loaded
 
 
 class ServerStopped(RuntimeError):

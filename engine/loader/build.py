@@ -17,6 +17,7 @@ from engine.config import ModelConfig
 from engine.loader.quantize import QuantSpec
 from engine.models.base import CausalLM
 from engine.models.quantized import FORMATS, sub_block_module
+from engine.pooling import PoolingConfig
 from engine.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -38,6 +39,8 @@ class LoadedModel:
     dtype: mx.Dtype
     # Sampling defaults the model ships (generation_config.json), used where a request is silent.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # An embedding model's pooling (its sentence-transformers files); None: a generative model.
+    pooling: PoolingConfig | None = None
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -78,6 +81,13 @@ def build_model(
                 is_leaf=nn.Module.is_module,
             )
         )
+    load_checked(model, weights)
+    return model
+
+
+def load_checked(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """Load ``weights`` into ``model`` (evaluated, in eval mode) after checking that they fit
+    it: every missing, unexpected or misshapen tensor is named in one ``WeightsError``."""
     expected = dict(_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -96,7 +106,6 @@ def build_model(
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
-    return model
 
 
 def _flatten(tree: dict | list | mx.array, prefix: str = "") -> Iterator[tuple[str, mx.array]]:

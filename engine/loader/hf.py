@@ -6,6 +6,7 @@ scales and biases), and float folders quantized while they load (`--quantize`)."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from engine.loader.quantize import (
 )
 from engine.models.base import CausalLM
 from engine.models.registry import config_from_hf
+from engine.pooling import PoolingConfig
 from engine.tokenizer import Tokenizer
 
 # Buffers some exporters save that are not weights.
@@ -58,13 +60,19 @@ def weight_files(folder: Path) -> list[Path]:
 
 def checkpoint_tensors(folder: Path, tied: bool) -> dict[str, tuple[str, mx.array]]:
     """Every tensor of the checkpoint: name -> (file name, lazy array). MLX reads a tensor's
-    bytes only when it is evaluated, so this holds no weights yet."""
+    bytes only when it is evaluated, so this holds no weights yet.
+
+    A bare decoder's checkpoint (saved without its head, as embedding models such as
+    Qwen3-Embedding are: ``layers.0...``, ``embed_tokens.weight``) gets the ``model.`` prefix
+    the full model's names have."""
     tensors: dict[str, tuple[str, mx.array]] = {}
     for path in weight_files(folder):
         for name, array in mx.load(str(path)).items():
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
                 continue
             tensors[name] = (path.name, array)
+    if tensors and not any(n.startswith(("model.", "lm_head.")) for n in tensors):
+        tensors = {f"model.{n}": v for n, v in tensors.items()}
     return tensors
 
 
@@ -104,6 +112,9 @@ def load_hf_model(folder: Path, dtype: mx.Dtype, quantize: QuantSpec | None = No
             "float model"
         )
     tensors = checkpoint_tensors(folder, cfg.tie_word_embeddings)
+    if "lm_head.weight" not in tensors and PoolingConfig.from_folder(folder, cfg.hidden_size):
+        # An embedding model without a head: its logits are never asked for.
+        cfg = replace(cfg, tie_word_embeddings=True)
     shapes = quantizable_modules(cfg)
     if scheme is not None:
         stored = {n: StoredTensor(tuple(a.shape), a.dtype, f) for n, (f, a) in tensors.items()}
@@ -117,6 +128,7 @@ def load_hf(folder: Path, dtype: mx.Dtype, quantize: QuantSpec | None = None) ->
     model = load_hf_model(folder, dtype, quantize)
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(
+        pooling=PoolingConfig.from_folder(folder, model.config.hidden_size),
         model=model,
         tokenizer=tokenizer,
         config=model.config,

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from engine.config import ConfigError
 from engine.loader.build import LoadedModel
 from engine.loader.cpu_weights import apply_cpu_weights, cpu_weights_choice
+from engine.loader.encoder import LoadedEncoder, is_encoder, load_encoder
 from engine.loader.gguf import load_gguf
 from engine.loader.hf import load_hf, read_config
 from engine.loader.quantize import QuantSpec, quantize_float_modules, scheme_from_config
@@ -57,7 +59,7 @@ def load_model(
     quantize: QuantSpec | None = None,
     cpu_weights: str = "quantized",
     kv_cache_memory: int | None = None,
-) -> LoadedModel:
+) -> LoadedModel | LoadedEncoder:
     """A Hugging Face folder or a .gguf file; None loads the default model. ``quantize``
     quantizes what is float in it (mlx-lm's choice of modules) while it loads.
 
@@ -65,7 +67,9 @@ def load_model(
     exact float32 dequantization (see engine.loader.cpu_weights); ``kv_cache_memory`` is the KV
     budget the user set, which ``auto`` keeps free. The server and the command line default to
     ``auto``; here the default keeps the layers the checkpoint has, so that code reading them
-    (conversion, export, tests of the quantized kernels) sees them on every device."""
+    (conversion, export, tests of the quantized kernels) sees them on every device.
+
+    An encoder folder (the BERT family, for embeddings) loads as a ``LoadedEncoder``."""
     cpu_weights = cpu_weights_choice(cpu_weights)  # a bad value fails before any loading
     loaded = _load(path, dtype, quantize)
     apply_cpu_weights(
@@ -84,6 +88,10 @@ def _load(path: str | Path | None, dtype: mx.Dtype | None, quantize: QuantSpec |
         raise ModelNotFound(f"model path {path} does not exist")
     if path.is_dir():
         hf = read_config(path)
+        if is_encoder(hf):
+            if quantize is not None:
+                raise ConfigError(f"{path.name} is an encoder: --quantize takes a decoder model")
+            return load_encoder(path, hf, dtype or compute_dtype(quantized_file=False))
         if scheme_from_config(hf) is not None:
             dtype = dtype or compute_dtype(True, hf.get("torch_dtype") or hf.get("dtype"))
         return load_hf(path, dtype or compute_dtype(quantized_file=False), quantize)

@@ -1,4 +1,5 @@
-"""GET /v1/models: the base model (adapters will be listed here with their parent)."""
+"""GET /v1/models: the base model, its adapters (with their parent) and the embedding
+models."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    state = state_of(request)
+    created = int(state.started)
+    embedders = [
+        ModelCard(id=name, created=created, max_model_len=e.max_length)
+        for name, e in state.embedders.items()
+    ]
+    if state.serving is None and embedders:  # embeddings only
+        return ModelList(data=embedders)
     serving = serving_of(request)
-    created = int(state_of(request).started)
     card = ModelCard(id=serving.served_name, created=created, max_model_len=serving.max_model_len)
     adapters = [
         ModelCard(id=v.name, created=int(v.created), parent=serving.served_name,
                   max_model_len=serving.max_model_len)
         for v in (serving.registry.list() if serving.registry else [])
     ]  # fmt: skip
-    return ModelList(data=[card, *adapters])
+    others = [c for c in embedders if c.id != serving.served_name]
+    return ModelList(data=[card, *adapters, *others])
