@@ -5,10 +5,9 @@ The dicts below are kept as data:
 - Metal: ``mx.metal.device_info()`` of an M2 Ultra (192 GB) as published in MLX's pull request
   #1060; later versions add ``device_name``, ``memory_size`` (``hw.memsize``) and
   ``resource_limit`` beside the same keys.
-- CUDA: the keys mlx 0.32's ``backend/cuda/device_info.cpp`` fills (memory from NVML, whole
-  card), with the total of an NVIDIA H100 80GB HBM3 (81559 MiB, as its nvidia-smi reports) and
-  MLX's limit from it (``allocator.cpp``: 95% of the total). Not a capture: the free memory of
-  an idle card is assumed, and ``loadtests/gpu_startup_check.sh`` prints the real dict.
+- CUDA: ``mx.device_info()`` and ``mx.get_memory_limit()`` of mlx 0.32.4 (``mlx-cuda-13``) on
+  an idle NVIDIA H100 80GB HBM3 (driver 580.159.04), as read before anything was allocated
+  (``loadtests/gpu_startup_check.sh`` prints them); only the uuid and bus id are blanked.
 """
 
 from __future__ import annotations
@@ -36,18 +35,18 @@ METAL_INFO = {
     "max_buffer_length": 115964116992,
     "architecture": "applegpu_g14d",
 }
-H100_TOTAL = 81559 << 20
+H100_TOTAL = 85520809984  # 81559 MiB, as nvidia-smi reports it
 CUDA_INFO = {
-    "device_name": "NVIDIA H100 80GB HBM3",
-    "architecture": "sm_90",
-    "compute_capability_major": 9,
-    "compute_capability_minor": 0,
-    "uuid": "GPU-00000000-0000-0000-0000-000000000000",
-    "pci_bus_id": "0000:00:00.0",
     "total_memory": H100_TOTAL,
-    "free_memory": H100_TOTAL - (512 << 20),  # the driver's own share, assumed
+    "free_memory": 84465090560,
+    "compute_capability_minor": 0,
+    "compute_capability_major": 9,
+    "pci_bus_id": "0000:00:00.0",
+    "uuid": "GPU-00000000-0000-0000-0000-000000000000",
+    "architecture": "sm_90",
+    "device_name": "NVIDIA H100 80GB HBM3",
 }
-CUDA_MEMORY_LIMIT = int(H100_TOTAL * 0.95)
+CUDA_MEMORY_LIMIT = 80766618828  # mx.get_memory_limit() on that card
 
 
 def llama8b_shape(max_positions: int = 131072) -> ModelConfig:
