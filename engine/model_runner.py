@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -181,8 +182,8 @@ class ModelRunner:
     def _expose(self, step: InFlightStep, part: SampledPart) -> None:
         """The next step may consume these tokens before anyone reads them: each request's
         last sampled position is its newest token."""
-        ends = np.cumsum(step.counts) - 1
-        last_row = {int(end): rid for rid, end in zip(step.ids, ends, strict=True)}
+        ends = itertools.accumulate(step.counts)  # plain Python: numpy costs more on a few rows
+        last_row = {end - 1: rid for rid, end in zip(step.ids, ends, strict=True)}
         for j, row in enumerate(part.rows):
             if row in last_row:
                 self._device_tokens[last_row[row]] = (part.arrays.tokens, j)
