@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import re
 import secrets
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     _quantize_flags(gen, default=None, group_default="64")
-    _cpu_weights_flag(gen)
+    _weights_flags(gen)
     gen.set_defaults(run=run_generate)
 
     srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="input tokens an encoder embeds per engine step (default 2048)",
     )
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
-    _cpu_weights_flag(srv)
+    _weights_flags(srv)
     srv.set_defaults(run=run_serve)
 
     conv = commands.add_parser(
@@ -157,26 +158,41 @@ def _quantize_flags(p: argparse.ArgumentParser, default: str | None, group_defau
     )
 
 
-def _cpu_weights_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cpu-weights",
-        type=_cpu_weights,
-        default=_env("CPU_WEIGHTS", "auto"),
-        metavar="{auto,dense,quantized}",
-        help="on the CPU, run quantized layers as their exact float32 dequantization (dense: "
-        "several times faster for prompts and batches, about 4-8x the memory of 4/8-bit "
-        "weights) or keep them quantized; auto (default) is dense when it fits the RAM "
-        "left after the KV cache. GPUs always keep quantized weights",
-    )
+WEIGHTS_HELP = {
+    "cpu": "on the CPU, run quantized layers as their exact float32 dequantization (dense: "
+    "several times faster for prompts and batches, about 4-8x the memory of 4/8-bit weights) or "
+    "keep them quantized; auto (default) is dense when it fits the RAM left after the KV cache",
+    "cuda": "on a CUDA GPU, run quantized layers as dense copies in the compute dtype (dense: no "
+    "first-use kernel compiles, fast under batching; 2-4x the memory of 8/4-bit weights) or keep "
+    "them quantized; auto (default) is dense when it fits the memory left after the KV cache. "
+    "Metal always keeps quantized weights",
+}
 
 
-def _cpu_weights(text: str) -> str:
-    from engine.loader.cpu_weights import cpu_weights_choice
+def _weights_flags(p: argparse.ArgumentParser) -> None:
+    for device, help_text in WEIGHTS_HELP.items():
+        p.add_argument(
+            f"--{device}-weights",
+            type=_weights_choice(device),
+            default=_env(f"{device.upper()}_WEIGHTS", "auto"),
+            metavar="{auto,dense,quantized}",
+            help=help_text,
+        )
 
-    try:
-        return cpu_weights_choice(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+
+def _weights_choice(device: str) -> Callable[[str], str]:
+    """The checker of ``--cpu-weights`` or ``--cuda-weights`` (imported when used: MLX must not
+    load before the BLAS is chosen)."""
+
+    def check(text: str) -> str:
+        module = importlib.import_module(f"engine.loader.{device}_weights")
+        try:
+            return getattr(module, f"{device}_weights_choice")(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    check.__name__ = f"--{device}-weights"
+    return check
 
 
 def _quantize_spec(args: argparse.Namespace) -> QuantSpec | None:
@@ -245,6 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         quantize_group_size=args.quantize_group_size,
         cpu_weights=args.cpu_weights,
+        cuda_weights=args.cuda_weights,
         embedding_model=args.embedding_model,
         embedding_batch_tokens=args.embedding_batch_tokens,
     )
@@ -264,7 +281,12 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed if args.seed is not None else secrets.randbits(63),
     )
-    loaded = load_model(args.model, quantize=_quantize_spec(args), cpu_weights=args.cpu_weights)
+    loaded = load_model(
+        args.model,
+        quantize=_quantize_spec(args),
+        cpu_weights=args.cpu_weights,
+        cuda_weights=args.cuda_weights,
+    )
     if isinstance(loaded, LoadedEncoder):
         raise ValueError(f"{loaded.name} is an encoder: serve it and use /v1/embeddings")
     tokenizer = loaded.tokenizer

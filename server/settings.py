@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.loader.cpu_weights import cpu_weights_choice
+from engine.loader.cuda_weights import cuda_weights_choice
 from engine.loader.quantize import QuantSpec, quantize_choice
 
 
@@ -34,6 +35,7 @@ class ServerSettings:
     quantize_group_size: int = 64
     responses_max_stored: int = 10_000  # stored /v1/responses; the oldest go first beyond it
     cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
+    cuda_weights: str = "auto"  # the same on a CUDA GPU (dense in the compute dtype)
     embedding_model: str | None = None  # an encoder served for embeddings beside the model
     embedding_batch_tokens: int = 2048  # tokens of one encoder step
 
@@ -70,10 +72,12 @@ class ServerSettings:
                 quantize_choice(self.quantize, self.quantize_group_size)
             except ValueError as e:
                 problems.append(str(e))
-        try:
-            cpu_weights_choice(self.cpu_weights)
-        except ValueError as e:
-            problems.append(str(e))
+        for check, value in ((cpu_weights_choice, self.cpu_weights),
+                             (cuda_weights_choice, self.cuda_weights)):  # fmt: skip
+            try:
+                check(value)
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 

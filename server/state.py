@@ -79,6 +79,7 @@ class ServerState:
             s.model,
             quantize=s.quantize_spec,
             cpu_weights=s.cpu_weights,
+            cuda_weights=s.cuda_weights,
             kv_cache_memory=s.kv_cache_memory,
         )
         if embedding is None and s.embedding_model is not None:

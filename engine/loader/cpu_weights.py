@@ -19,8 +19,8 @@ The choice (``--cpu-weights``, env ``CANDLEWICK_CPU_WEIGHTS``):
 - ``dense``: dense on the CPU whatever the memory.
 - ``quantized``: keep the quantized layers.
 
-GPUs (Metal, CUDA) always keep quantized weights: their quantized kernels are fast and their
-memory is the scarce thing.
+Metal keeps quantized weights (its quantized kernels are fast); CUDA has its own choice
+(engine.loader.cuda_weights).
 """
 
 from __future__ import annotations
@@ -37,31 +37,37 @@ from engine.models.quantized import CHUNK_ELEMENTS, SubBlockEmbedding, SubBlockL
 
 log = logging.getLogger(__name__)
 
-CPU_WEIGHTS_CHOICES = ("auto", "dense", "quantized")
+WEIGHTS_CHOICES = ("auto", "dense", "quantized")
 DENSE_RAM_SHARE = 0.5  # of the RAM left after the KV budget the dense copy may grow into
 
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding, SubBlockLinear, SubBlockEmbedding)
 
 
-def cpu_weights_choice(value: str | None) -> str:
-    """The validated setting; None and '' mean ``auto``."""
+def weights_choice(value: str | None, device: str = "cpu") -> str:
+    """The validated ``--{device}-weights`` setting; None and '' mean ``auto``."""
     if value is None or value == "":
         return "auto"
     choice = str(value).strip().lower()
-    if choice not in CPU_WEIGHTS_CHOICES:
+    if choice not in WEIGHTS_CHOICES:
         raise ValueError(
-            f"--cpu-weights (CANDLEWICK_CPU_WEIGHTS) must be one of "
-            f"{', '.join(CPU_WEIGHTS_CHOICES)}, got {value!r}"
+            f"--{device}-weights (CANDLEWICK_{device.upper()}_WEIGHTS) must be one of "
+            f"{', '.join(WEIGHTS_CHOICES)}, got {value!r}"
         )
     return choice
 
 
+def cpu_weights_choice(value: str | None) -> str:
+    return weights_choice(value, "cpu")
+
+
 @dataclass(frozen=True, slots=True)
-class CPUWeightsPlan:
+class WeightsPlan:
+    """Whether a device's quantized layers become dense, and why (for the log line)."""
+
     dense: bool
-    reason: str  # for the log line
+    reason: str
     quantized_bytes: int = 0  # the quantized layers' parameters now
-    dense_bytes: int = 0  # the same layers as dense float32
+    dense_bytes: int = 0  # the same layers dense
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -78,13 +84,14 @@ def _rows_cols(m: nn.Module) -> tuple[int, int]:
     return rows, packed * 32 // m.bits
 
 
-def layer_bytes(layers: dict[str, nn.Module]) -> tuple[int, int]:
-    """(bytes the layers hold now, bytes they would hold as dense float32)."""
+def layer_bytes(layers: dict[str, nn.Module], itemsize: int = 4) -> tuple[int, int]:
+    """(bytes the layers hold now, bytes they would hold as dense weights of ``itemsize``
+    bytes a number: float32 by default)."""
     now = sum(v.nbytes for m in layers.values() for _, v in tree_flatten(m.parameters()))
     dense = 0
     for m in layers.values():
         rows, cols = _rows_cols(m)
-        dense += rows * cols * 4 + (m.bias.nbytes if "bias" in m else 0)
+        dense += rows * cols * itemsize + (m.bias.nbytes if "bias" in m else 0)
     return now, dense
 
 
@@ -96,7 +103,7 @@ def plan_cpu_weights(
     free_ram: int | None,
     kv_cache_memory: int | None = None,
     quantized_on_request: bool = False,
-) -> CPUWeightsPlan:
+) -> WeightsPlan:
     """Whether to make ``model``'s quantized layers dense (see the module docstring's rule).
 
     ``free_ram``: the available RAM now (None: unknown); ``kv_cache_memory``: the KV budget the
@@ -105,11 +112,11 @@ def plan_cpu_weights(
     mode = cpu_weights_choice(mode)
     layers = quantized_layers(model)
     if not layers:
-        return CPUWeightsPlan(False, "no quantized layers")
+        return WeightsPlan(False, "no quantized layers")
     now, dense = layer_bytes(layers)
 
-    def plan(is_dense: bool, reason: str) -> CPUWeightsPlan:
-        return CPUWeightsPlan(is_dense, reason, now, dense)
+    def plan(is_dense: bool, reason: str) -> WeightsPlan:
+        return WeightsPlan(is_dense, reason, now, dense)
 
     if not is_cpu:
         return plan(False, "a GPU runs quantized weights fast")
@@ -187,7 +194,7 @@ def apply_cpu_weights(
     *,
     kv_cache_memory: int | None = None,
     quantized_on_request: bool = False,
-) -> CPUWeightsPlan:
+) -> WeightsPlan:
     """Plan for the default device and carry it out, saying what was chosen in the log."""
     is_cpu = mx.default_device() == mx.cpu
     plan = plan_cpu_weights(

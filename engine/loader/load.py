@@ -10,6 +10,7 @@ import mlx.core as mx
 from engine.config import ConfigError
 from engine.loader.build import LoadedModel
 from engine.loader.cpu_weights import apply_cpu_weights, cpu_weights_choice
+from engine.loader.cuda_weights import apply_cuda_weights, cuda_weights_choice
 from engine.loader.encoder import LoadedEncoder, is_encoder, load_encoder
 from engine.loader.gguf import load_gguf
 from engine.loader.hf import load_hf, read_config
@@ -59,6 +60,7 @@ def load_model(
     quantize: QuantSpec | None = None,
     cpu_weights: str = "quantized",
     kv_cache_memory: int | None = None,
+    cuda_weights: str = "quantized",
 ) -> LoadedModel | LoadedEncoder:
     """A Hugging Face folder or a .gguf file; None loads the default model. ``quantize``
     quantizes what is float in it (mlx-lm's choice of modules) while it loads.
@@ -68,13 +70,23 @@ def load_model(
     budget the user set, which ``auto`` keeps free. The server and the command line default to
     ``auto``; here the default keeps the layers the checkpoint has, so that code reading them
     (conversion, export, tests of the quantized kernels) sees them on every device.
+    ``cuda_weights`` is the same choice on a CUDA GPU, in the model's compute dtype (see
+    engine.loader.cuda_weights).
 
     An encoder folder (the BERT family, for embeddings) loads as a ``LoadedEncoder``."""
     cpu_weights = cpu_weights_choice(cpu_weights)  # a bad value fails before any loading
+    cuda_weights = cuda_weights_choice(cuda_weights)
     loaded = _load(path, dtype, quantize)
     apply_cpu_weights(
         loaded.model,
         cpu_weights,
+        loaded.dtype,
+        kv_cache_memory=kv_cache_memory,
+        quantized_on_request=quantize is not None,
+    )
+    apply_cuda_weights(
+        loaded.model,
+        cuda_weights,
         loaded.dtype,
         kv_cache_memory=kv_cache_memory,
         quantized_on_request=quantize is not None,
