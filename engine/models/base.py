@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.config import ModelConfig, RopeConfig
+from engine.models.activations import swiglu
 from engine.models.cache import KVCache, LayerCache
 
 
@@ -70,7 +71,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
