@@ -9,9 +9,9 @@ one), the same SwiGLU takes 8 ms instead of 39 ms for 1600x1536.
 
 ``tanh`` is the minimax rational approximation Eigen uses for float32 (x·P(x²)/Q(x²), clamped
 where float32's tanh is ±1), within 3.2e-7 of it; ``silu(x) = x·(1 + tanh(x/2))/2``. The result
-differs from the exact SiLU by at most 2e-7·max(1, |x|) (MLX's own: under 1e-7·|x|): for large negative x,
-where SiLU is nearly 0, that error is larger than the value itself, as it is for any float32
-``1 + tanh`` form. Other devices use MLX's own kernels.
+differs from the exact SiLU by at most 2e-7·max(1, |x|) (MLX's own: under 1e-7·|x|): for
+large negative x, where SiLU is nearly 0, that error is larger than the value itself, as it is
+for any float32 ``1 + tanh`` form. Other devices use MLX's own kernels.
 """
 
 from __future__ import annotations
@@ -27,15 +27,22 @@ _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.8
 _TANH_CLAMP = 7.90531110763549805
 
 
-def _tanh(x: mx.array) -> mx.array:
-    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
+def odd_rational(
+    x: mx.array, clamp: float, p_coeffs: tuple[float, ...], q_coeffs: tuple[float, ...]
+) -> mx.array:
+    """x·P(x²)/Q(x²) on x clipped to [-clamp, clamp]; coefficients from the highest power."""
+    x = mx.clip(x, -clamp, clamp)
     x2 = x * x
-    p, q = _TANH_P[0], _TANH_Q[0]
-    for c in _TANH_P[1:]:
+    p, q = p_coeffs[0], q_coeffs[0]
+    for c in p_coeffs[1:]:
         p = p * x2 + c
-    for c in _TANH_Q[1:]:
+    for c in q_coeffs[1:]:
         q = q * x2 + c
     return x * p / q
+
+
+def _tanh(x: mx.array) -> mx.array:
+    return odd_rational(x, _TANH_CLAMP, _TANH_P, _TANH_Q)
 
 
 @mx.compile

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.config import ConfigError
+from engine.models.activations import odd_rational
 from engine.models.attention import attention
 
 # erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (±1 beyond, in float32): a minimax rational approximation
@@ -34,14 +35,7 @@ _ERF_Q = (
 
 
 def _erf(x: mx.array) -> mx.array:
-    x = mx.clip(x, -4.0, 4.0)
-    x2 = x * x
-    p, q = _ERF_P[0], _ERF_Q[0]
-    for c in _ERF_P[1:]:
-        p = p * x2 + c
-    for c in _ERF_Q[1:]:
-        q = q * x2 + c
-    return x * p / q
+    return odd_rational(x, 4.0, _ERF_P, _ERF_Q)
 
 
 @mx.compile
