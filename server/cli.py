@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the only folder /v1/load_lora_adapter may read adapters from",
     )
     srv.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", "30"))
+    srv.add_argument(
+        "--fine-tuning-memory",
+        type=_bytes,
+        default=env("FINE_TUNING_MEMORY"),
+        help="bytes a fine-tuning job may plan for (default: half of what the device has left "
+        "once the model and the KV cache are in place)",
+    )
+    srv.add_argument(
+        "--fine-tuning-serve-steps",
+        type=int,
+        default=env("FINE_TUNING_SERVE_STEPS", "4"),
+        help="while requests run, serving steps between two units of training",
+    )
+    srv.add_argument("--max-file-bytes", type=_bytes, default=env("MAX_FILE_BYTES", "512MiB"))
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     _cpu_weights_flag(srv)
     srv.set_defaults(run=run_serve)
@@ -234,6 +248,9 @@ def run_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         quantize_group_size=args.quantize_group_size,
         cpu_weights=args.cpu_weights,
+        fine_tuning_memory=args.fine_tuning_memory,
+        fine_tuning_serve_steps=args.fine_tuning_serve_steps,
+        max_file_bytes=args.max_file_bytes,
     )
     return serve(settings)
 

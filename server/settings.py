@@ -34,6 +34,9 @@ class ServerSettings:
     quantize_group_size: int = 64
     responses_max_stored: int = 10_000  # stored /v1/responses; the oldest go first beyond it
     cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
+    fine_tuning_memory: int | None = None  # bytes training may plan for (None: half what is left)
+    fine_tuning_serve_steps: int = 4  # serving steps between training units while streams run
+    max_file_bytes: int = 512 << 20  # one uploaded training file
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +60,14 @@ class ServerSettings:
             problems.append(f"--max-adapter-bytes must be >= 1, got {self.max_adapter_bytes}")
         if self.responses_max_stored < 1:
             problems.append(f"--responses-max-stored must be >= 1, got {self.responses_max_stored}")
+        if self.fine_tuning_memory is not None and self.fine_tuning_memory <= 0:
+            problems.append(f"--fine-tuning-memory must be positive, got {self.fine_tuning_memory}")
+        if self.fine_tuning_serve_steps < 1:
+            problems.append(
+                f"--fine-tuning-serve-steps must be >= 1, got {self.fine_tuning_serve_steps}"
+            )
+        if self.max_file_bytes < 1:
+            problems.append(f"--max-file-bytes must be >= 1, got {self.max_file_bytes}")
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.quantize is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from engine.async_engine import AsyncEngine
+from engine.background import Background, InterleavePolicy
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.loader.build import LoadedModel
@@ -19,6 +20,8 @@ from engine.loader.load import load_model
 from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
+from server.fine_tuning.service import FineTuningService
+from server.fine_tuning.setup import start_fine_tuning
 from server.metrics import ServerMetrics
 from server.responses_store import ResponsesStore
 from server.serving import Serving
@@ -39,6 +42,7 @@ class ServerState:
     registry: AdapterRegistry | None = None
     adapters: AdapterService | None = None
     responses: ResponsesStore | None = None  # stored /v1/responses
+    fine_tuning: FineTuningService | None = None  # files and jobs (needs LoRA: --max-loras)
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
@@ -92,7 +96,8 @@ class ServerState:
         self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
-        self.engine = AsyncEngine(core)
+        policy = InterleavePolicy(serve_steps=s.fine_tuning_serve_steps)
+        self.engine = AsyncEngine(core, Background(policy))
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         self.serving = Serving(
             engine=self.engine,
@@ -114,6 +119,10 @@ class ServerState:
                 s.max_adapter_bytes,
                 s.adapter_dir,
             )
+            self.fine_tuning = start_fine_tuning(
+                s, self.engine, self.registry, loaded, self.serving.served_name, max_model_len,
+                self.metrics,
+            )  # fmt: skip
         log.info(
             "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
         )
@@ -124,6 +133,9 @@ class ServerState:
         with self._lifecycle:
             self.stopped = True
             engine, registry, responses = self.engine, self.registry, self.responses
+            fine_tuning = self.fine_tuning
+        if fine_tuning is not None:
+            fine_tuning.close()
         if engine is not None:
             engine.shutdown()
         if registry is not None:
