@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from engine.background import Background, BackgroundWork
 from engine.encoder_core import EncodeRequest
 from engine.engine_core import EngineCore
 from engine.engine_thread import EngineThread
@@ -25,11 +26,11 @@ class AsyncEngine:
     paid once per wake-up rather than once per token, and it catches up instead of lagging.
     """
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore, background: Background | None = None) -> None:
         self.core = core
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = EngineThread(core, self._publish)
+        self._thread = EngineThread(core, self._publish, background)
         self._thread.start()
 
     async def generate(
@@ -68,6 +69,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
+
+    def add_background(self, work: BackgroundWork) -> None:
+        """Run ``work`` on the engine thread in units between steps (engine.background)."""
+        self._thread.add_background(work)
 
     def shutdown(self) -> None:
         self._thread.stop(timeout=10)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from engine.background import Background, BackgroundWork
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
@@ -42,11 +43,19 @@ class EngineThread:
 
     Callers (any thread) submit with ``add`` and ``abort``; every step's outputs go to
     ``publish``, called on the engine thread (the asyncio facade forwards them to its loop).
+    Long work that shares the device (training) comes in with ``add_background`` and runs in
+    units between steps, as ``background``'s policy decides (engine.background).
     """
 
-    def __init__(self, core: EngineCore, publish: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        publish: Callable[[list[RequestOutput]], None],
+        background: Background | None = None,
+    ) -> None:
         self.core = core
         self.publish = publish
+        self.background = background or Background()
         self._new: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -62,6 +71,10 @@ class EngineThread:
 
     def abort(self, request_id: str) -> None:
         self._aborts.put(request_id)
+        self._wake.set()
+
+    def add_background(self, work: BackgroundWork) -> None:
+        self.background.add(work)
         self._wake.set()
 
     @property
@@ -99,11 +112,13 @@ class EngineThread:
         while not self._stop.is_set():
             self._wake.clear()
             outputs = self._drain_inbox()
-            if self.core.has_work:
+            stepped = self.core.has_work
+            if stepped:
                 outputs.extend(self.core.step())
             if outputs:
                 self.publish(outputs)
-            if not self.core.has_work:
+            self.background.after_step(self.core.stats, stepped)
+            if not self.core.has_work and not self.background.pending:
                 self._wake.wait()
 
     def _drain_inbox(self) -> list[RequestOutput]:

@@ -17,6 +17,8 @@ from server.routes import (
     adapters,
     completions,
     embeddings,
+    files,
+    fine_tuning,
     health,
     messages,
     models,
@@ -69,7 +71,8 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app.state.cw = state
     app.state.loader = None  # the thread loading the model, while there is one
     install_error_handlers(app)
-    limit_body(app, settings.max_request_bytes, settings.max_adapter_bytes)
+    uploads = {"/v1/adapters": settings.max_adapter_bytes, "/v1/files": settings.max_file_bytes}
+    limit_body(app, settings.max_request_bytes, uploads)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -85,6 +88,8 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
     app.include_router(adapters.router, dependencies=guarded)
     app.include_router(responses.router, dependencies=guarded)
     app.include_router(embeddings.router, dependencies=guarded)
+    app.include_router(files.router, dependencies=guarded)
+    app.include_router(fine_tuning.router, dependencies=guarded)
     app.include_router(health.router)
     return app
 
@@ -109,10 +114,10 @@ def _load(state: ServerState) -> None:
         state.on_load_failed()
 
 
-def limit_body(app: FastAPI, max_bytes: int, max_upload_bytes: int) -> None:
-    """413 for a request whose declared body is larger than its limit (adapter uploads have
-    their own, larger one; multipart framing gets a little room)."""
-    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_bytes=max_upload_bytes)
+def limit_body(app: FastAPI, max_bytes: int, uploads: dict[str, int]) -> None:
+    """413 for a request whose declared body is larger than its limit (uploads of adapters and
+    files have their own, larger ones, by path; multipart framing gets a little room)."""
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, uploads=uploads)
 
 
 class BodyLimit:
@@ -121,14 +126,14 @@ class BodyLimit:
     chunk of every streamed response through a memory stream and extra tasks, a cost paid per
     token on each SSE stream.)"""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int) -> None:
-        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int]) -> None:
+        self.app, self.max_bytes, self.uploads = app, max_bytes, uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-            upload = scope["path"] == "/v1/adapters" and scope["method"] == "POST"
-            limit = self.max_upload_bytes + (1 << 16) if upload else self.max_bytes
+            upload = self.uploads.get(scope["path"]) if scope["method"] == "POST" else None
+            limit = upload + (1 << 16) if upload is not None else self.max_bytes
             if length.isdigit() and int(length) > limit:
                 message = f"the request body has {length.decode()} bytes; the limit is {limit}"
                 await error_response(TooLarge(message), scope["path"])(scope, receive, send)

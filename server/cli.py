@@ -119,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("EMBEDDING_BATCH_TOKENS", "2048"),
         help="input tokens an encoder embeds per engine step (default 2048)",
     )
+    srv.add_argument(
+        "--fine-tuning-memory",
+        type=_bytes,
+        default=env("FINE_TUNING_MEMORY"),
+        help="bytes a fine-tuning job may plan for (default: half of what the device has left "
+        "once the model and the KV cache are in place)",
+    )
+    srv.add_argument(
+        "--fine-tuning-serve-steps",
+        type=int,
+        default=env("FINE_TUNING_SERVE_STEPS", "4"),
+        help="while requests run, serving steps between two units of training",
+    )
+    srv.add_argument("--max-file-bytes", type=_bytes, default=env("MAX_FILE_BYTES", "512MiB"))
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     _weights_flags(srv)
     srv.set_defaults(run=run_serve)
@@ -264,6 +278,9 @@ def run_serve(args: argparse.Namespace) -> int:
         cuda_weights=args.cuda_weights,
         embedding_model=args.embedding_model,
         embedding_batch_tokens=args.embedding_batch_tokens,
+        fine_tuning_memory=args.fine_tuning_memory,
+        fine_tuning_serve_steps=args.fine_tuning_serve_steps,
+        max_file_bytes=args.max_file_bytes,
     )
     return serve(settings)
 

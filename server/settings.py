@@ -38,6 +38,9 @@ class ServerSettings:
     cuda_weights: str = "auto"  # the same on a CUDA GPU (dense in the compute dtype)
     embedding_model: str | None = None  # an encoder served for embeddings beside the model
     embedding_batch_tokens: int = 2048  # tokens of one encoder step
+    fine_tuning_memory: int | None = None  # bytes training may plan for (None: half what is left)
+    fine_tuning_serve_steps: int = 4  # serving steps between training units while streams run
+    max_file_bytes: int = 512 << 20  # one uploaded training file
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +68,14 @@ class ServerSettings:
             problems.append(
                 f"--embedding-batch-tokens must be >= 1, got {self.embedding_batch_tokens}"
             )
+        if self.fine_tuning_memory is not None and self.fine_tuning_memory <= 0:
+            problems.append(f"--fine-tuning-memory must be positive, got {self.fine_tuning_memory}")
+        if self.fine_tuning_serve_steps < 1:
+            problems.append(
+                f"--fine-tuning-serve-steps must be >= 1, got {self.fine_tuning_serve_steps}"
+            )
+        if self.max_file_bytes < 1:
+            problems.append(f"--max-file-bytes must be >= 1, got {self.max_file_bytes}")
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.quantize is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from engine.async_engine import AsyncEngine
+from engine.background import Background, InterleavePolicy
 from engine.config import ConfigError, EngineConfig
 from engine.core_group import CoreGroup, StepCore
 from engine.encoder_core import EncoderCore, EncodeRequest
@@ -24,6 +25,8 @@ from engine.stats import EngineStats
 from server.adapter_service import AdapterService
 from server.admission import Admission
 from server.embeddings import Embedder
+from server.fine_tuning.service import FineTuningService
+from server.fine_tuning.setup import start_fine_tuning
 from server.metrics import ServerMetrics
 from server.responses_store import ResponsesStore
 from server.serving import Serving
@@ -45,6 +48,7 @@ class ServerState:
     adapters: AdapterService | None = None
     responses: ResponsesStore | None = None  # stored /v1/responses
     embedders: dict[str, Embedder] = field(default_factory=dict)  # embedding models by name
+    fine_tuning: FineTuningService | None = None  # files and jobs (needs LoRA: --max-loras)
     started: float = field(default_factory=time.time)
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
@@ -111,7 +115,8 @@ class ServerState:
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
         encoder = self._encoder_core(embedding) if embedding is not None else None
         cores = {EngineRequest: core} | ({EncodeRequest: encoder} if encoder else {})
-        self.engine = AsyncEngine(CoreGroup(cores) if encoder else core)
+        policy = InterleavePolicy(serve_steps=s.fine_tuning_serve_steps)
+        self.engine = AsyncEngine(CoreGroup(cores) if encoder else core, Background(policy))
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         self.serving = Serving(
             engine=self.engine,
@@ -133,6 +138,10 @@ class ServerState:
                 s.max_adapter_bytes,
                 s.adapter_dir,
             )
+            self.fine_tuning = start_fine_tuning(
+                s, self.engine, self.registry, loaded, self.serving.served_name, max_model_len,
+                self.metrics,
+            )  # fmt: skip
         log.info(
             "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
         )
@@ -164,6 +173,9 @@ class ServerState:
         with self._lifecycle:
             self.stopped = True
             engine, registry, responses = self.engine, self.registry, self.responses
+            fine_tuning = self.fine_tuning
+        if fine_tuning is not None:
+            fine_tuning.close()
         if engine is not None:
             engine.shutdown()
         if registry is not None:

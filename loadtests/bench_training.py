@@ -1,0 +1,168 @@
+"""LoRA training tokens/s: candlewick's trainer against `mlx_lm.lora` on the same model, data and
+settings, in alternating rounds (the machine is shared; alternation spreads the noise).
+
+The model is a random llama written by `loadtests/make_model.py` (float32 on disk, so both
+compute in float32); the data are single-turn chat examples of 100-160 tokens whose prompt is
+masked (mlx-lm's `--mask-prompt`, our assistant-only loss). Settings: rank 16, scale 2 (alpha
+32), the four attention projections of every layer, AdamW at 1e-4, batch 8, no dropout, no
+checkpointing. Tokens/s counts the examples' own tokens (no padding) over the training steps'
+time, the first `--warmup` steps left out; mlx-lm's figure is its own per-step tok/s report.
+
+    python -m loadtests.bench_training --out /tmp/bench-training --steps 12 --rounds 2
+    python -m loadtests.bench_training --preset llama3-8b-q4 ...   # on a GPU box
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.cpu_blas import reexec_with_blas
+
+SHAPE = dict(hidden=512, layers=10, heads=8, kv_heads=4, intermediate=1536, vocab=16384)
+KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+RANK, SCALE, LR, BATCH = 16, 2.0, 1e-4, 8
+
+
+def make_folder(out: Path, preset: str | None) -> Path:
+    """The model folder: a preset of make_model, or the 48M llama in float32."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from loadtests import make_model as mm
+
+    folder = out / (preset or "llama-48m-f32")
+    if (folder / "config.json").exists():
+        return folder
+    if preset is not None:
+        mm.make_model(preset, folder)
+        return folder
+    p = dataclasses.replace(mm.PRESETS["tiny"], **SHAPE)
+    folder.mkdir(parents=True, exist_ok=True)
+    mm.write_configs(folder, p, mm.build_tokenizer(p))
+    mm.write_weights(folder, p, seed=0, std=0.02, workers=2)
+    for f in folder.glob("*.safetensors"):
+        weights = {k: v.astype(mx.float32) for k, v in mx.load(str(f)).items()}
+        mx.save_safetensors(str(f), weights)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    return folder
+
+
+def make_data(out: Path, n: int = 128) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = [
+        "the",
+        "a",
+        "of",
+        "sky",
+        "blue",
+        "red",
+        "river",
+        "stone",
+        "light",
+        "quiet",
+        "north",
+        "garden",
+        "paper",
+    ]
+    lines = []
+    for _ in range(n):
+        q = " ".join(rng.choice(words, int(rng.integers(40, 70))))
+        a = " ".join(rng.choice(words, int(rng.integers(15, 30))))
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        lines.append(json.dumps({"messages": messages}))
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def ours(folder: Path, data: Path, steps: int, warmup: int) -> dict:
+    from engine.loader.load import load_model
+    from engine.training.data import chat_example
+    from engine.training.lora import LoRASpec, init_lora
+    from engine.training.trainer import Trainer, TrainingConfig
+
+    loaded = load_model(folder)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    examples = [chat_example(loaded.tokenizer, r["messages"]) for r in records]
+    spec = LoRASpec(RANK, RANK * SCALE, tuple(KEYS))
+    config = TrainingConfig(learning_rate=LR, n_epochs=8, batch_size=BATCH,
+                            micro_batch_size=BATCH, schedule="constant")  # fmt: skip
+    trainer = Trainer(loaded.model, examples, init_lora(loaded.model, spec, 0), config)
+    tokens = seconds = 0.0
+    for i in range(steps):
+        r = trainer.train_step()
+        if i >= warmup:
+            tokens, seconds = tokens + r.tokens, seconds + r.seconds
+    return {"tokens_per_second": tokens / seconds, "dtype": str(loaded.dtype)}
+
+
+def theirs(folder: Path, data: Path, steps: int, warmup: int, out: Path) -> dict:
+    config = out / "mlx_lm_lora.yaml"
+    config.write_text(json.dumps({"lora_parameters": {"rank": RANK, "scale": SCALE,
+                                                      "dropout": 0.0, "keys": KEYS}}))  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "mlx_lm", "lora", "--model", str(folder), "--train",
+        "--data", str(data), "--fine-tune-type", "lora", "--optimizer", "adamw",
+        "--mask-prompt", "--num-layers", "-1", "--batch-size", str(BATCH),
+        "--iters", str(steps), "--learning-rate", str(LR), "--steps-per-report", "1",
+        "--steps-per-eval", str(10 * steps), "--val-batches", "1",
+        "--adapter-path", str(out / "mlx_lm_adapter"), "-c", str(config),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    (out / "mlx_lm_lora.log").write_text(run.stdout + run.stderr)
+    rates = []  # its table's training rows: iter, loss, trend, tok/s, tokens so far
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr).splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0].isdigit() and parts[1] != "val":
+            rates.append(float(parts[3]))
+    kept = rates[warmup:]
+    return {"tokens_per_second": sum(kept) / len(kept), "reports": len(rates)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    reexec_with_blas()  # the same BLAS for both (the mlx-lm subprocess inherits it)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default=None, help="a make_model preset (default: a 48M llama)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    folder = make_folder(args.out, args.preset)
+    data = make_data(args.out)
+    import mlx.core as mx
+    import mlx_lm
+
+    results = []
+    for r in range(args.rounds):
+        for name in ("candlewick", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "candlewick"):
+            start = time.time()
+            if name == "candlewick":
+                got = ours(folder, data, args.steps, args.warmup)
+            else:
+                got = theirs(folder, data, args.steps, args.warmup, args.out)
+            got |= {"round": r, "tool": name, "wall_s": round(time.time() - start, 1)}
+            results.append(got)
+            print(json.dumps(got), flush=True)
+    for name in ("candlewick", "mlx_lm"):
+        rates = [x["tokens_per_second"] for x in results if x["tool"] == name]
+        print(f"{name}: mean {sum(rates) / len(rates):.1f} tokens/s over {len(rates)} rounds")
+    print(f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, BLAS {os.environ.get('LD_PRELOAD')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
