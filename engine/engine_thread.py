@@ -103,8 +103,8 @@ class EngineThread:
                 outputs.extend(self.core.step())
             if outputs:
                 self.publish(outputs)
-            if not self.core.has_work:
-                self._wake.wait()
+            if not self.core.has_work:  # a core that must keep in touch wakes on its own
+                self._wake.wait(getattr(self.core, "heartbeat_interval", None))
 
     def _drain_inbox(self) -> list[RequestOutput]:
         while not self._new.empty():

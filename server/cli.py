@@ -118,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("EMBEDDING_BATCH_TOKENS", "2048"),
         help="input tokens an encoder embeds per engine step (default 2048)",
     )
+    srv.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=env("TENSOR_PARALLEL", "1"),
+        help="shard the model over N ranks started on this machine (ring backend on loopback); "
+        "across machines, start the ranks with mlx.launch instead",
+    )
+    srv.add_argument(
+        "--tensor-parallel-timeout",
+        type=float,
+        default=env("TENSOR_PARALLEL_TIMEOUT", "30"),
+        help="seconds a rank may take to connect, or stay silent, before the server gives up",
+    )
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     _cpu_weights_flag(srv)
     srv.set_defaults(run=run_serve)
@@ -247,6 +260,8 @@ def run_serve(args: argparse.Namespace) -> int:
         cpu_weights=args.cpu_weights,
         embedding_model=args.embedding_model,
         embedding_batch_tokens=args.embedding_batch_tokens,
+        tensor_parallel=args.tensor_parallel,
+        tensor_parallel_timeout=args.tensor_parallel_timeout,
     )
     return serve(settings)
 

@@ -36,6 +36,8 @@ class ServerSettings:
     cpu_weights: str = "auto"  # auto | dense | quantized: quantized layers on the CPU
     embedding_model: str | None = None  # an encoder served for embeddings beside the model
     embedding_batch_tokens: int = 2048  # tokens of one encoder step
+    tensor_parallel: int = 1  # ranks the model is sharded over (started on this machine)
+    tensor_parallel_timeout: float = 30.0  # seconds a rank may stay silent before it is a fault
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +64,12 @@ class ServerSettings:
         if self.embedding_batch_tokens < 1:
             problems.append(
                 f"--embedding-batch-tokens must be >= 1, got {self.embedding_batch_tokens}"
+            )
+        if self.tensor_parallel < 1:
+            problems.append(f"--tensor-parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel_timeout <= 0:
+            problems.append(
+                f"--tensor-parallel-timeout must be positive, got {self.tensor_parallel_timeout}"
             )
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")

@@ -15,13 +15,10 @@ import pickle
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
-
-CONNECT_TIMEOUT = 60.0  # seconds the ranks get to find each other at start-up
 
 
 class RankError(RuntimeError):
@@ -58,42 +55,28 @@ def rank_env(rank: int, hostfile: str) -> dict[str, str]:
 
 
 def launch_local(
-    n: int, command: Sequence[str], ranks: Sequence[int], hostfile: str, **popen
+    command: Sequence[str], ranks: Sequence[int], hostfile: str, **popen
 ) -> list[subprocess.Popen]:
-    """Start ``command`` once for each of ``ranks`` (of ``n`` on loopback, ring backend)."""
+    """Start ``command`` once for each of ``ranks`` (on the loopback hostfile)."""
+    env = popen.pop("env", os.environ)
     return [
-        subprocess.Popen(list(command), env={**os.environ, **rank_env(r, hostfile)}, **popen)
+        subprocess.Popen(list(command), env={**env, **rank_env(r, hostfile)}, **popen)
         for r in ranks
     ]
 
 
-def init_group(timeout: float = CONNECT_TIMEOUT, backend: str = "any"):
-    """Join the group this process was launched into; a ``RankError`` naming the ranks'
-    addresses if they have not all connected within ``timeout`` seconds (MLX's ring backend
-    would otherwise wait forever)."""
-    result: list = []
-
-    def connect() -> None:
-        try:
-            result.append(mx.distributed.init(strict=True, backend=backend))
-        except Exception as e:
-            result.append(e)
-
-    thread = threading.Thread(target=connect, name="candlewick-rank-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        raise RankError(
-            f"rank {os.environ.get('MLX_RANK')} could not connect to the other ranks within "
-            f"{timeout:.0f}s ({_addresses()}): are they all started, and can they reach each "
-            "other?"
-        )
-    if isinstance(result[0], Exception):
-        raise RankError(f"the ranks cannot connect: {result[0]}") from result[0]
-    return result[0]
+def init_group(backend: str = "any"):
+    """Join the group this process was launched into. MLX's ring backend waits for its peers
+    for as long as it takes, holding the interpreter meanwhile: whoever starts the ranks
+    bounds that wait from outside (see server.tensor_parallel)."""
+    try:
+        return mx.distributed.init(strict=True, backend=backend)
+    except Exception as e:
+        raise RankError(f"the ranks cannot connect: {e}") from e
 
 
-def _addresses() -> str:
+def addresses() -> str:
+    """The ranks' addresses as ``MLX_HOSTFILE`` lists them, for messages."""
     path = os.environ.get("MLX_HOSTFILE")
     if not path:
         return "no MLX_HOSTFILE"

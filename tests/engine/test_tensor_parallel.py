@@ -71,7 +71,7 @@ def results(tmp_path_factory):
     jobs = make_jobs(root)
     (root / "jobs.pkl").write_bytes(pickle.dumps(jobs))
     command = [sys.executable, "-m", "tests.engine.tp_worker", str(root / "jobs.pkl"), str(root)]
-    ranks = launch_local(2, command, [0, 1], local_hostfile(2), cwd=ROOT)
+    ranks = launch_local(command, [0, 1], local_hostfile(2), cwd=ROOT)
     assert [p.wait(timeout=600) for p in ranks] == [0, 0]
     sharded = [pickle.loads((root / f"rank{r}.pkl").read_bytes()) for r in (0, 1)]
     single = run_jobs(jobs)

@@ -116,7 +116,7 @@ def main() -> None:
     from engine.parallel.group import init_group
 
     jobs_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-    group = init_group(backend="ring")
+    group = init_group("ring")
     results = run_jobs(pickle.loads(jobs_path.read_bytes()), group)
     (out / f"rank{group.rank()}.pkl").write_bytes(pickle.dumps(results))
 
