@@ -207,11 +207,16 @@ def _failed(request: EngineRequest, message: str) -> RequestOutput:
 
 
 def follow(
-    core: EngineCore, group, on_hang: Callable[[str], None], timeout: float = TIMEOUT
+    core: EngineCore,
+    group,
+    on_hang: Callable[[str], None],
+    timeout: float = TIMEOUT,
+    on_outputs: Callable[[list[RequestOutput]], None] | None = None,
 ) -> None:
     """A follower rank's loop: apply rank 0's list, step; returns when rank 0 says stop.
     Raises ``RankError`` when rank 0 is gone; calls ``on_hang`` (from another thread: it
-    should end the process) when rank 0 is silent for longer than ``timeout``."""
+    should end the process) when rank 0 is silent for longer than ``timeout``. Its outputs
+    (which rank 0 publishes) go to ``on_outputs``, if given."""
     watchdog = _Watchdog(timeout, on_hang)
     core.warm_up()
     while True:
@@ -220,9 +225,11 @@ def follow(
             events = broadcast(group)
             if _STOP in events:
                 return
-            _apply(core, events)
+            outputs = _apply(core, events)
             if core.has_work:
-                core.step()
+                outputs += core.step()
+            if on_outputs is not None:
+                on_outputs(outputs)
         except Exception as e:
             raise RankError(f"rank {group.rank()} lost rank 0: {e}") from e
         finally:

@@ -58,6 +58,7 @@ def make_jobs(root: Path) -> list[Job]:
     jobs = [Job(f"forward-{a}", "forward", root / a, prompts=[prompt]) for a in MODELS]
     jobs += [Job(f"engine-{a}", "engine", root / a, prompts=batch) for a in MODELS]
     jobs.append(Job("engine-lora", "engine", root / "llama", adapters=adapters, prompts=batch))
+    jobs += [Job(f"lockstep-{a}", "lockstep", root / a, prompts=batch) for a in ("llama", "qwen2")]
     return jobs
 
 
@@ -127,3 +128,13 @@ def test_kv_heads_split_or_replicated():
         assert [p.kv_heads for p in plans] == expected, (kv, size)
     with pytest.raises(ConfigError, match="3 ranks"):
         ShardPlan.for_rank(cfg, 0, 3)
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_ranks_in_lockstep_make_the_tokens_of_one(results, model):
+    """Requests and aborts reach rank 0 between steps; every rank applies them in the same step
+    and publishes the same outputs as one rank does (rank 1's are its own engine's)."""
+    single, (leader, follower) = results[f"lockstep-{model}"]
+    assert single["finish"]["r5"] == single["finish"]["r1"] == "abort"
+    assert 0 < len(single["tokens"]["r5"]) < 8 and not single["tokens"].get("r1")
+    assert leader == follower == single

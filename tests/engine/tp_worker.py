@@ -42,6 +42,9 @@ def run_jobs(jobs: list[Job], group=None) -> dict:
     for job in jobs:
         model = load(job.path)
         full = model.config
+        if job.kind == "lockstep":
+            results[job.name] = lockstep(model, job, group)
+            continue
         if group is not None:
             shard_model(model, group)
         run = forward if job.kind == "forward" else engine
@@ -70,14 +73,10 @@ def forward(model, job: Job, _full) -> dict:
     return {"tokens": tokens, "logits": logits_seen}
 
 
-def engine(model, job: Job, full) -> dict:
-    from adapters.lora_request import lora_request
+def engine_config(job: Job):
     from engine.config import EngineConfig
-    from engine.engine_core import EngineCore
-    from engine.request import EngineRequest
-    from engine.sampling_params import SamplingParams
 
-    config = EngineConfig(
+    return EngineConfig(
         num_blocks=128,
         block_size=4,
         long_prefill_chunk=5,
@@ -85,7 +84,14 @@ def engine(model, job: Job, full) -> dict:
         max_loras=len(job.adapters),
         max_lora_rank=8,
     )
-    core = EngineCore(model, config, mx.float32)
+
+
+def engine_requests(job: Job, full) -> list:
+    """Greedy rows, seeded and unseeded sampled rows, each adapter and the base in turn."""
+    from adapters.lora_request import lora_request
+    from engine.request import EngineRequest
+    from engine.sampling_params import SamplingParams
+
     names = [None, *job.adapters]
     requests = []
     for i, prompt in enumerate(job.prompts):
@@ -99,6 +105,14 @@ def engine(model, job: Job, full) -> dict:
         adapter = job.adapters.get(names[i % len(names)])
         lora = lora_request(adapter, full, max_rank=8) if adapter else None
         requests.append(EngineRequest(f"r{i}", prompt, params, lora=lora))
+    return requests
+
+
+def engine(model, job: Job, full) -> dict:
+    from engine.engine_core import EngineCore
+
+    core = EngineCore(model, engine_config(job), mx.float32)
+    requests = engine_requests(job, full)
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     # The first request alone, then the rest: their shared prefixes hit its cached blocks.
     pending = [requests[:1], requests[1:]]
@@ -110,6 +124,50 @@ def engine(model, job: Job, full) -> dict:
             assert out.error is None, out.error
             tokens[out.request_id].extend(out.new_token_ids)
     return {"tokens": tokens, "prefix_hits": core.kv.prefix_cache_stats.hits}
+
+
+def lockstep(model, job: Job, group) -> dict:
+    """Rank 0 takes requests and aborts at fixed steps and keeps the others in step; each rank
+    records the outputs of its own engine. One rank: the same driver over the plain engine."""
+    from engine.engine_core import EngineCore
+    from engine.parallel.lockstep import LeaderCore, follow, sharded_core
+
+    requests = engine_requests(job, model.config)
+    outputs: list = []
+    record = outputs.extend
+    if group is None:
+        core = EngineCore(model, engine_config(job), mx.float32)
+        group = mx.distributed.init()  # a group of one
+    elif group.rank() != 0:
+        follow(sharded_core(model, None, mx.float32, group), group, sys.exit, on_outputs=record)
+        return summarize(outputs)
+    else:
+        core = sharded_core(model, engine_config(job), mx.float32, group)
+    leader = LeaderCore(core, group, heartbeat=3600.0)
+    # r0 alone; the rest three steps later (their prefixes hit r0's blocks); r5 aborted while
+    # it runs, and r1 aborted in the same step it arrives.
+    events = {0: [("add", requests[0])], 3: [("add", r) for r in requests[1:]]}
+    events[3].append(("abort", "r1"))
+    events[16] = [("abort", "r5")]
+    step = 0
+    while step <= max(events) or leader.has_work:
+        for kind, value in events.get(step, []):
+            leader.add_request(value) if kind == "add" else leader.abort_request(value)
+        record(leader.step())
+        step += 1
+    leader.stop()
+    return summarize(outputs)
+
+
+def summarize(outputs: list) -> dict:
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    for out in outputs:
+        assert out.error is None, out.error
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if out.finished:
+            finish[out.request_id] = out.finish_reason
+    return {"tokens": tokens, "finish": finish}
 
 
 def main() -> None:
