@@ -140,10 +140,13 @@ class Supervisor:
         for rank in ranks:
             r, w = os.pipe()
             proc_env = {**env, _READY_FD: str(w)}
+            # Their own session: a terminal's Ctrl-C or a kill of this group reaches the ranks
+            # only through this process (rank 0 drains, then stops the others).
+            popen = dict(env=proc_env, pass_fds=(w,), start_new_session=True)
             if hostfile is None:
-                self.procs.append(subprocess.Popen(command, env=proc_env, pass_fds=(w,)))
+                self.procs.append(subprocess.Popen(command, **popen))
             else:
-                self.procs += launch_local(command, [rank], hostfile, env=proc_env, pass_fds=(w,))
+                self.procs += launch_local(command, [rank], hostfile, **popen)
             os.close(w)
             ready.append(r)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -218,8 +221,10 @@ def run_rank(settings: ServerSettings) -> int:
         return fail(str(e))
     with os.fdopen(int(os.environ.pop(_READY_FD)), "wb") as ready:
         ready.write(b"1")
+    _exit_with_supervisor()
     if group.rank() != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops the group
+        for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 stops the group
+            signal.signal(sig, signal.SIG_IGN)
         return run_follower(group)
     if settings.tensor_parallel > 1 and group.size() != settings.tensor_parallel:
         return fail(f"--tensor-parallel {settings.tensor_parallel}, but {group.size()} ranks")
@@ -230,6 +235,19 @@ def run_rank(settings: ServerSettings) -> int:
         return serve(settings, parallel)
     finally:
         parallel.stop()
+
+
+def _exit_with_supervisor() -> None:
+    """A rank whose supervisor is gone (killed) ends too."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        print("candlewick: error: the supervising process is gone", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="candlewick-rank-parent", daemon=True).start()
 
 
 def run_follower(group) -> int:
