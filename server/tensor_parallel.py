@@ -45,6 +45,7 @@ from engine.parallel.group import (
     local_hostfile,
 )
 from engine.parallel.lockstep import LeaderCore, follow, sharded_core
+from engine.structured.grammar import accept_constraints
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ def run_follower(group) -> int:
         )
         if not isinstance(loaded, LoadedModel):
             raise RankError(f"{loaded.name} is not a generative model")
+        accept_constraints(loaded.tokenizer.backend.to_str())  # structured output
         core: EngineCore = sharded_core(loaded.model, None, loaded.dtype, group)
         follow(core, group, _exit_hung, settings.tensor_parallel_timeout)
     except Exception as e:

@@ -97,7 +97,8 @@ def broadcast(group, value=None):
     if group.rank() == 0:
         data[:] = np.frombuffer(payload, dtype=np.uint8)
     summed = mx.distributed.all_sum(mx.array(data), group=group)
-    return pickle.loads(np.array(summed).tobytes())
+    mx.eval(summed)  # on every rank, rank 0 included: each collective must run everywhere
+    return value if group.rank() == 0 else pickle.loads(np.array(summed).tobytes())
 
 
 def gather_ints(group, value: int) -> list[int]:

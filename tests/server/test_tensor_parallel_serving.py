@@ -1,5 +1,6 @@
 """`candlewick serve --tensor-parallel 2` as real processes (two ranks on loopback, ring backend):
-the official openai client gets the same greedy text as from one rank, streamed and not;
+the official openai client gets the same greedy text as from one rank, streamed and not, and
+under a JSON schema;
 /health and /metrics report the ranks; killing a rank turns /health to 503 and ends the server
 non-zero within 10 s; ranks that cannot connect fail the start-up with one clear line."""
 
@@ -25,7 +26,7 @@ def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def completions(port: int) -> tuple[str, str, str]:
+def completions(port: int) -> tuple[str, ...]:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     model = client.models.list().data[0].id
     whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
@@ -40,7 +41,17 @@ def completions(port: int) -> tuple[str, str, str]:
         stream=True,
     )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    return whole.choices[0].text, chat.choices[0].message.content, streamed
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    structured = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=24,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )
+    content = structured.choices[0].message.content
+    assert content.lstrip().startswith('{"n"')  # the schema held (random weights: may not end)
+    return whole.choices[0].text, chat.choices[0].message.content, streamed, content
 
 
 def stop(proc: subprocess.Popen) -> int:
