@@ -31,16 +31,22 @@ class _InFlight:
     submitted: InFlightStep
 
 
+def kv_blocks(model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> int:
+    """The KV blocks an engine over ``model`` gets: ``config.num_blocks``, or what memory holds
+    beside the adapter slots."""
+    reserved = 0
+    if config.max_loras > 0:
+        reserved = (config.max_loras + 1) * slot_bytes(model, config.max_lora_rank, dtype)
+    return num_kv_blocks(model.config, config, dtype, reserved)
+
+
 class EngineCore:
     """schedule() → submit to the device → update_from_output(), one step at a time, with the
     next step built while the device computes the one before it."""
 
     def __init__(self, model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> None:
         self.config = config
-        reserved = 0
-        if config.max_loras > 0:
-            reserved = (config.max_loras + 1) * slot_bytes(model, config.max_lora_rank, dtype)
-        self.num_blocks = num_kv_blocks(model.config, config, dtype, reserved)
+        self.num_blocks = kv_blocks(model, config, dtype)
         lora = slots = None
         if config.max_loras > 0:
             lora = DeviceLoRA(model, config.max_loras, config.max_lora_rank, dtype)

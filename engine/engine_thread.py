@@ -119,7 +119,8 @@ class EngineThread:
                 self.publish(outputs)
             self.background.after_step(self.core.stats, stepped)
             if not self.core.has_work and not self.background.pending:
-                self._wake.wait()
+                # a core that must keep in touch (a tensor-parallel leader) wakes on its own
+                self._wake.wait(getattr(self.core, "heartbeat_interval", None))
 
     def _drain_inbox(self) -> list[RequestOutput]:
         while not self._new.empty():

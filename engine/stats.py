@@ -53,4 +53,5 @@ class EngineStats:
     adapters_loaded: int = 0  # adapters resident in device slots
     adapter_loads: int = 0  # adapters written into a slot, since start
     num_kv_blocks: int = 0  # usable blocks of the pool
+    tensor_parallel_size: int = 1  # ranks the model is sharded over
     mask_seconds: HistogramSnapshot = field(default_factory=HistogramSnapshot)  # per masked row

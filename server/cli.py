@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="while requests run, serving steps between two units of training",
     )
     srv.add_argument("--max-file-bytes", type=_bytes, default=env("MAX_FILE_BYTES", "512MiB"))
+    srv.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=env("TENSOR_PARALLEL", "1"),
+        help="shard the model over N ranks started on this machine (ring backend on loopback); "
+        "across machines, start the ranks with mlx.launch instead",
+    )
+    srv.add_argument(
+        "--tensor-parallel-timeout",
+        type=float,
+        default=env("TENSOR_PARALLEL_TIMEOUT", "30"),
+        help="seconds a rank may take to connect, or stay silent, before the server gives up",
+    )
     _quantize_flags(srv, default=env("QUANTIZE"), group_default=env("QUANTIZE_GROUP_SIZE", "64"))
     _weights_flags(srv)
     srv.set_defaults(run=run_serve)
@@ -281,6 +294,8 @@ def run_serve(args: argparse.Namespace) -> int:
         fine_tuning_memory=args.fine_tuning_memory,
         fine_tuning_serve_steps=args.fine_tuning_serve_steps,
         max_file_bytes=args.max_file_bytes,
+        tensor_parallel=args.tensor_parallel,
+        tensor_parallel_timeout=args.tensor_parallel_timeout,
     )
     return serve(settings)
 

@@ -34,6 +34,7 @@ class _EngineCollector(Collector):
             ("candlewick_num_requests_waiting", "Sequences waiting to be scheduled", s.num_waiting),
             ("candlewick_kv_cache_usage_ratio", "Fraction of KV blocks in use", s.kv_usage),
             ("candlewick_adapters_loaded", "LoRA adapters resident", s.adapters_loaded),
+            ("candlewick_tensor_parallel_ranks", "Ranks sharing the model", s.tensor_parallel_size),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

@@ -22,13 +22,18 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from engine.loader.load import ModelNotFound, default_model_path, model_name
+from engine.parallel.group import launched
 from server.app import create_app
 from server.settings import ServerSettings
 from server.state import ServerState
+
+if TYPE_CHECKING:
+    from server.tensor_parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +81,17 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: ServerSettings) -> int:
+def serve(settings: ServerSettings, parallel: Parallel | None = None) -> int:
+    """Serve until stopped; the exit status. ``parallel``: this process is rank 0 of a
+    tensor-parallel group (``server.tensor_parallel`` starts or joins the ranks, then calls
+    this)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if parallel is None and (settings.tensor_parallel > 1 or launched()):
+        from server.tensor_parallel import serve_parallel
+
+        return serve_parallel(settings)
     try:
         name = check_model(settings.model)
         if settings.embedding_model is not None:
@@ -88,7 +100,7 @@ def serve(settings: ServerSettings) -> int:
         sock = listen(settings.host, settings.port)
     except StartupError as e:
         return fail(str(e))
-    state = ServerState(settings)
+    state = ServerState(settings, parallel=parallel)
     app = create_app(settings, state)
     url = f"http://{settings.host}:{settings.port}"
     print(f"candlewick: serving on {url} (the model loads in the background; /health says when)")

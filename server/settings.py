@@ -41,6 +41,8 @@ class ServerSettings:
     fine_tuning_memory: int | None = None  # bytes training may plan for (None: half what is left)
     fine_tuning_serve_steps: int = 4  # serving steps between training units while streams run
     max_file_bytes: int = 512 << 20  # one uploaded training file
+    tensor_parallel: int = 1  # ranks the model is sharded over (started on this machine)
+    tensor_parallel_timeout: float = 30.0  # seconds a rank may stay silent before it is a fault
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +78,12 @@ class ServerSettings:
             )
         if self.max_file_bytes < 1:
             problems.append(f"--max-file-bytes must be >= 1, got {self.max_file_bytes}")
+        if self.tensor_parallel < 1:
+            problems.append(f"--tensor-parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel_timeout <= 0:
+            problems.append(
+                f"--tensor-parallel-timeout must be positive, got {self.tensor_parallel_timeout}"
+            )
         if self.shutdown_grace < 0:
             problems.append(f"--shutdown-grace must be >= 0, got {self.shutdown_grace}")
         if self.quantize is not None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
@@ -32,6 +33,9 @@ from server.responses_store import ResponsesStore
 from server.serving import Serving
 from server.settings import ServerSettings
 
+if TYPE_CHECKING:
+    from server.tensor_parallel import Parallel
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +57,7 @@ class ServerState:
     load_error: str | None = None
     on_load_failed: Callable[[], None] | None = None  # e.g. stop the server: nothing to serve
     stopped: bool = False  # set by stop(); a load still running then starts nothing
+    parallel: Parallel | None = None  # rank 0 of a tensor-parallel group, if sharded
     _lifecycle: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +114,10 @@ class ServerState:
         if s.max_loras > 0:
             store = AdapterStore(s.data_dir)
             self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
-        core = EngineCore(loaded.model, config, loaded.dtype)
+        if self.parallel is not None:
+            core = self.parallel.make_core(loaded.model, config, loaded.dtype)
+        else:
+            core = EngineCore(loaded.model, config, loaded.dtype)
         self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
         capacity = (core.num_blocks - 1) * config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
@@ -138,6 +146,7 @@ class ServerState:
                 s.max_adapter_bytes,
                 s.adapter_dir,
             )
+        if self.registry is not None and self.parallel is None:  # training runs on one rank
             self.fine_tuning = start_fine_tuning(
                 s, self.engine, self.registry, loaded, self.serving.served_name, max_model_len,
                 self.metrics,

@@ -35,13 +35,17 @@ class DeviceLoRA:
         self.model, self.max_rank, self.dtype = model, max_rank, dtype
         self.batch = LoRABatch()
         self.layers: dict[tuple[int, str], LoRALinear] = {}
+        self._shard: dict[tuple[int, str], object] = {}  # a sharded layer's slicing of A and B
         for i, layer in enumerate(model.model.layers):
             for path in TARGETABLE:
                 base = _module(layer, path)
                 out_f, in_f = _shape(base)
                 lora = LoRALinear(base, in_f, out_f, num_slots + 1, max_rank, dtype, self.batch)
-                _replace(layer, path, lora)
+                owner, name = _site(layer, path)
+                setattr(owner, name, lora)
                 self.layers[(i, path)] = lora
+                if hasattr(owner, "shard_lora"):
+                    self._shard[(i, path)] = owner.shard_lora
         mx.eval(self._arrays())
 
     def load(self, load: SlotLoad) -> None:
@@ -58,6 +62,8 @@ class DeviceLoRA:
                     )
                 a = mx.array(w.a.T)  # [in, r]
                 b = mx.array(w.b.T * w.scale)  # [r, out], scale folded in
+                if (shard := self._shard.get(key)) is not None:  # this rank's slice
+                    a, b = shard(a, b)
                 lora.set_slot(load.slot, a, b)
         mx.eval(self._arrays())
         log.info("loaded adapter %s v%d into slot %d", load.lora.name, load.lora.version, load.slot)
@@ -73,16 +79,21 @@ class DeviceLoRA:
         return [m._a for m in self.layers.values()] + [m._b for m in self.layers.values()]
 
 
+def _site(layer, path: str) -> tuple:
+    """The module holding the projection at ``path`` and its attribute name: inside a
+    tensor-parallel wrapper (``inner``) when there is one, so that an adapter's update joins
+    the wrapper's sum."""
+    parent, name = path.split(".")
+    owner = getattr(layer, parent)
+    if hasattr(getattr(owner, name), "shard_lora"):
+        owner, name = getattr(owner, name), "inner"
+    return owner, name
+
+
 def _module(layer, path: str):
     """The base projection at ``path`` (unwrapped if an earlier engine already adapted it)."""
-    parent, name = path.split(".")
-    module = getattr(getattr(layer, parent), name)
+    module = getattr(*_site(layer, path))
     return module.base if isinstance(module, LoRALinear) else module
-
-
-def _replace(layer, path: str, module) -> None:
-    parent, name = path.split(".")
-    setattr(getattr(layer, parent), name, module)
 
 
 def _shape(linear) -> tuple[int, int]:

@@ -49,9 +49,20 @@ class GrammarConstraint:
     """A request's matcher, as the engine's ``TokenConstraint``: the allowed tokens come from
     llguidance's bitmask (one bit per token id, little-endian 32-bit words)."""
 
-    def __init__(self, matcher: LLMatcher, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, matcher: LLMatcher, eos_token_ids: tuple[int, ...], origin: tuple | None = None
+    ) -> None:
         self.matcher = matcher
         self.eos_token_ids = eos_token_ids
+        self._origin = origin  # (spec, vocab size, eos ids): what compiles it again elsewhere
+
+    def __reduce__(self):
+        """Pickled (to another rank of a tensor-parallel server) as what it was compiled from;
+        that process compiles it again (see ``accept_constraints``). Only a fresh constraint
+        travels: one that consumed tokens would lose its state."""
+        if self._origin is None or self.matcher.is_stopped():
+            raise TypeError("this grammar constraint cannot be sent to another process")
+        return (_compile_again, self._origin)
 
     def allowed(self, vocab_size: int) -> np.ndarray:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
@@ -79,6 +90,7 @@ class GrammarCompiler:
         self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256
     ) -> None:
         self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = vocab_size
         self.tokenizer = LLTokenizer(
             tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None
         )
@@ -98,7 +110,8 @@ class GrammarCompiler:
                 self._cache[spec] = pristine
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return GrammarConstraint(pristine.deep_copy(), self.eos_token_ids)
+        origin = (spec, self.vocab_size, self.eos_token_ids)
+        return GrammarConstraint(pristine.deep_copy(), self.eos_token_ids, origin)
 
     def _compile(self, spec: GrammarSpec) -> LLMatcher:
         grammar = _grammar(spec)
@@ -109,6 +122,31 @@ class GrammarCompiler:
         if matcher.is_error():
             raise GrammarError(_describe(spec, matcher.get_error()))
         return matcher
+
+
+_received: dict = {"tokenizer": None, "compilers": {}}  # for constraints sent to this process
+_received_lock = threading.Lock()
+
+
+def accept_constraints(tokenizer_json: str) -> None:
+    """Let this process rebuild grammar constraints pickled by another one serving the same
+    model (a tensor-parallel rank): they are compiled again against ``tokenizer_json``."""
+    with _received_lock:
+        _received["tokenizer"] = tokenizer_json
+        _received["compilers"] = {}
+
+
+def _compile_again(spec: GrammarSpec, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    with _received_lock:
+        tokenizer = _received["tokenizer"]
+        if tokenizer is None:
+            raise GrammarError("this process was not given a tokenizer to compile grammars with")
+        key = (vocab_size, eos_token_ids)
+        compiler = _received["compilers"].get(key)
+        if compiler is None:
+            compiler = GrammarCompiler(tokenizer, vocab_size, list(eos_token_ids))
+            _received["compilers"][key] = compiler
+    return compiler.constraint(spec)
 
 
 def _grammar(spec: GrammarSpec) -> str:

@@ -21,6 +21,8 @@ def fine_tuning_of(request: Request) -> FineTuningService:
     if state.fine_tuning is None:
         if state.serving is None:
             raise Unavailable(state.load_error or "the model is still loading")
+        if state.parallel is not None:
+            raise NotFound("fine-tuning is not available with --tensor-parallel")
         raise NotFound("fine-tuning needs LoRA adapters, which are off (--max-loras 0)")
     return state.fine_tuning
 

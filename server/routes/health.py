@@ -16,13 +16,17 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> Response:
     state = state_of(request)
+    ranks = {"ranks": state.parallel.ranks()} if state.parallel is not None else {}
+    if state.parallel is not None and state.parallel.fault:
+        body = {"status": "error", "error": state.parallel.fault}
+        return JSONResponse(body | ranks, status_code=503)
     if state.admission is not None and state.admission.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not state.ready:
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
     blas = cpu_blas.current_report()  # which BLAS the CPU's matmuls run on (Linux)
-    return JSONResponse({"status": "ok"} | ({"cpu_blas": blas.as_dict()} if blas else {}))
+    return JSONResponse({"status": "ok"} | ranks | ({"cpu_blas": blas.as_dict()} if blas else {}))
 
 
 @router.get("/metrics")

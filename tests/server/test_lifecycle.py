@@ -42,9 +42,9 @@ def serve(model: Path | str, port: int, tmp_path: Path, *extra: str) -> list[str
             "--port", str(port), "--data-dir", str(tmp_path / "data"), *extra]  # fmt: skip
 
 
-def fails_to_start(argv: list[str]) -> str:
+def fails_to_start(argv: list[str], env: dict[str, str] | None = None) -> str:
     """Runs a start that must fail; returns its one error line after checking the rest."""
-    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1, out.stderr
     assert not [m for m in ABORTS if m in out.stderr + out.stdout], out.stderr
     errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
