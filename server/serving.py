@@ -85,6 +85,7 @@ class Serving:
             loaded.config.eos_token_ids
         )
         self.fingerprint = "fp_candlewick"
+        self.embedding_models: frozenset[str] = frozenset()  # served beside, for /v1/embeddings
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -133,10 +134,17 @@ class Serving:
     # -- the model a request names ------------------------------------------------------------
 
     def check_model(self, name: str | None) -> str | None:
-        """404 unless ``name`` is the base model or a registered adapter (pins nothing).
+        """404 unless ``name`` is the base model or a registered adapter (pins nothing); 400 for
+        an embedding model served beside it.
         Returns the adapter's name, or None for the base model."""
         if name in (None, "", self.served_name):
             return None
+        if name in self.embedding_models:
+            raise BadRequest(
+                f"the model {name!r} serves embeddings (POST /v1/embeddings), not text "
+                f"generation: name {self.served_name!r} or one of its adapters",
+                param="model",
+            )
         if self.registry is None or self.registry.resolve(name) is None:
             raise _no_such_model(name)
         return name

@@ -162,6 +162,7 @@ class ServerState:
             self.embedders[embedding.name] = Embedder.for_encoder(
                 embedding, embedding.name, **shared
             )
+            self.serving.embedding_models = frozenset({embedding.name})
 
     def _encoder_core(self, loaded: LoadedEncoder) -> StepCore:
         return EncoderCore(loaded.model, loaded.pooling, self.settings.embedding_batch_tokens)

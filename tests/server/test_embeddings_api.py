@@ -236,6 +236,19 @@ def test_an_unknown_model_is_a_404(side_by_side):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_generating_with_the_embedding_model_is_a_400_naming_the_route(side_by_side):
+    url, state = side_by_side[0], side_by_side[1]
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ):
+        r = httpx.post(url + path, json={"model": EMBED, "max_tokens": 2, **body})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "model", r.text
+        assert "serves embeddings (POST /v1/embeddings)" in error["message"]
+    assert state.admission.inflight == 0
+
+
 def test_chat_and_embeddings_side_by_side(side_by_side, client, st_model):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {CHAT, EMBED} and models[EMBED].max_model_len == 256
