@@ -10,10 +10,10 @@ Here the query heads that share a KV head are folded into the rows of one matmul
 [D, L] per sequence and KV head), so there are ``gqa`` times fewer BLAS calls, and the scale is
 applied to the query ([H, D] numbers) rather than to the scores. The keys and values are
 gathered row by row (a row: one slot's D numbers for one KV head) straight into [B, Hkv, L, D],
-through an index built once per step, so BLAS reads them in place. Measured on a 2-core AMD EPYC
-with OpenBLAS (SmolLM2-135M shapes: 9 query heads, 3 KV heads, head size 64; 16 sequences of
-176 tokens): 1.1 ms per layer against the reference's 3.0 ms; decode at 16 sequences went from
-81 to 105 tokens/s (docs/architecture.md).
+through an index built once per step (with the mask), so BLAS reads them in place. Measured
+on a 2-core AMD EPYC with OpenBLAS (SmolLM2-135M shapes: 9 query heads, 3 KV heads, head
+size 64; 16 sequences of 176 tokens): 1.1 ms per layer against the reference's 3.0 ms; decode
+at 16 sequences went from 81 to 105 tokens/s (docs/architecture.md).
 
 Same contract as the reference, to float32 rounding: rows of sequences of length 0 are zeros,
 positions past a sequence's length (and outside its window) are masked.
@@ -26,31 +26,46 @@ import threading
 import mlx.core as mx
 
 
-class _RowIndex(threading.local):
-    """The pool rows each (sequence, KV head, position) reads, built once per decode step.
+class _StepIndex(threading.local):
+    """What every layer of a decode step reads the same way, built for the first layer only:
+    the pool rows each (sequence, KV head, position) gathers, and the mask of visible positions
+    (one per attention window).
 
-    Every layer of a step passes the same ``block_tables`` array (MLX arrays are immutable, and
-    the reference held here keeps its id from being reused), so the index is computed for the
-    first layer and reused by the others. One per thread: engines on other threads keep theirs.
+    Every layer of a step passes the same ``block_tables`` and ``seq_lens`` arrays (MLX arrays
+    are immutable, and the references held here keep their ids from being reused). One per
+    thread: engines on other threads keep theirs.
     """
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.tables: mx.array | None = None
+        self.inputs: tuple[mx.array, mx.array] | None = None
         self.rows: mx.array | None = None
+        self.masks: dict[int | None, mx.array] = {}
 
-    def __call__(self, block_tables: mx.array, block_size: int, num_kv_heads: int) -> mx.array:
+    def __call__(
+        self, block_tables: mx.array, seq_lens: mx.array, block_size: int, num_kv_heads: int,
+        window: int | None,
+    ) -> tuple[mx.array, mx.array]:  # fmt: skip
         key = (block_size, num_kv_heads)
-        if self.tables is not block_tables or self.key != key:
+        same = self.inputs is not None and self.inputs[0] is block_tables
+        if not (same and self.inputs[1] is seq_lens and self.key == key):
             n = block_tables.shape[1]
             pos = mx.arange(n * block_size)
             slots = block_tables[:, pos // block_size] * block_size + (pos % block_size)[None, :]
+            # [B, Hkv, L]: row (slot * Hkv + kv) of the pool seen as [slots * Hkv, D]
             self.rows = slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads)[None, :, None]
-            self.tables, self.key = block_tables, key
-        return self.rows  # [B, Hkv, L]: row (slot * Hkv + kv) of the pool seen as [slots*Hkv, D]
+            self.inputs, self.key, self.masks = (block_tables, seq_lens), key, {}
+        if window not in self.masks:
+            k_pos = mx.arange(self.rows.shape[2])[None, :]  # [1, L]
+            lens = seq_lens[:, None]  # [B, 1]
+            visible = k_pos < lens
+            if window is not None:
+                visible = visible & (k_pos >= lens - window)
+            self.masks[window] = visible[:, None, None, :]  # [B, 1, 1, L]
+        return self.rows, self.masks[window]
 
 
-_row_index = _RowIndex()
+_step_index = _StepIndex()
 
 
 def paged_decode_attention(
@@ -67,20 +82,15 @@ def paged_decode_attention(
     """q [B, H, 1, D]; pools [slots, Hkv, D]; tables [B, n]; seq_lens [B] -> [B, H, 1, D]."""
     B, H, _, D = q.shape
     Hkv = k_pool.shape[1]
-    rows = _row_index(block_tables, block_size, Hkv)
+    rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window)
     # One gather of whole rows lays each (sequence, KV head)'s keys out as a contiguous [L, D]
     # matrix, which BLAS reads transposed as it is: no second, strided copy.
     keys = k_pool.reshape(-1, D)[rows]  # [B, Hkv, L, D]
     values = v_pool.reshape(-1, D)[rows]
-    k_pos = mx.arange(rows.shape[2])[None, :]  # [1, L]
-    lens = seq_lens[:, None]  # [B, 1]
-    visible = k_pos < lens
-    if window is not None:
-        visible = visible & (k_pos >= lens - window)
     # Query heads h = kv * gqa + g share KV head kv: fold them into the rows of one product.
     folded = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, H // Hkv, D)
     scores = folded @ keys.swapaxes(-1, -2)  # [B, Hkv, gqa, L]
-    scores = mx.where(visible[:, None, None, :], scores, mx.array(-mx.inf, scores.dtype))
+    scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
     probs = mx.softmax(scores, axis=-1, precise=True)
     out = (probs @ values).reshape(B, H, 1, D)
     # A row with nothing visible is all -inf: its softmax is NaN, and its output zeros.
