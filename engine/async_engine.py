@@ -63,6 +63,15 @@ class AsyncEngine:
         raise RuntimeError(f"request {request.request_id!r} ended without an output")
 
     @property
+    def warmed(self) -> bool:
+        """Whether the engine thread's warm-up is over (requests before then wait for it)."""
+        return self._thread.warmed.is_set()
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Block until the warm-up is over; whether it is."""
+        return self._thread.warmed.wait(timeout)
+
+    @property
     def stats(self) -> EngineStats:
         """The engine's latest published snapshot (safe to read from any thread)."""
         return self.core.stats

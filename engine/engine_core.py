@@ -61,9 +61,11 @@ class EngineCore:
         self._publish_stats()
 
     def warm_up(self) -> None:
-        """Build what the first steps would otherwise build on the fly (on this thread)."""
+        """Build what the first steps would otherwise build on the fly (on this thread): the
+        attention plans of each prefill shape, and the kernels of a whole step."""
         chunk = min(self.config.long_prefill_chunk, self.config.max_num_batched_tokens)
         self.runner.store.warm_up(chunk, self.runner.windows)
+        self.runner.warm_up(prefill_tokens=min(chunk, 2 * self.config.block_size))
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request.to_request())

@@ -60,6 +60,7 @@ class EngineThread:
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.warmed = threading.Event()  # set once warm-up is over (done, failed or skipped)
         self._thread = threading.Thread(target=self._run, name="candlewick-engine")
 
     def start(self) -> None:
@@ -99,6 +100,7 @@ class EngineThread:
                 self.core.warm_up()
         except Exception:  # only a speed-up: serving goes on without it
             log.exception("engine warm-up failed")
+        self.warmed.set()
         try:
             self._loop()
         except Exception:

@@ -18,6 +18,7 @@ from engine.outputs import ModelRunnerOutput, TokenLogprob
 from engine.request import Request
 from engine.sampler import SampledArrays, Sampler
 from engine.sampling_metadata import SamplingMetadata, SamplingRow
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput, StepPhase
 from engine.stats import Histogram
 
@@ -145,6 +146,42 @@ class ModelRunner:
             mx.async_eval(step.late_logits)
         mx.async_eval(self.store.state, *pooled.values())
         return step
+
+    def warm_up(self, prefill_tokens: int, decode_rows: tuple[int, ...] = (1, 2)) -> None:
+        """Run the model on dummy tokens once: a prefill of ``prefill_tokens`` beside decodes
+        of each of ``decode_rows`` rows, and a sampling of its logits greedy, at a
+        temperature and with top-p, by a sampler of its own (the engine's key stream is left
+        as it was). Kernels built on first use (MLX's CUDA JIT, ``mx.compile``) are built now
+        rather than during the first requests. It writes only the null block."""
+        bs = self.store.block_size
+        for rows in decode_rows:
+            num_tokens = rows + prefill_tokens
+            null_table = mx.zeros((1, -(-prefill_tokens // bs)), dtype=mx.int32)
+            attention = AttentionMetadata(
+                positions=mx.array([0] * rows + list(range(prefill_tokens)), dtype=mx.int32),
+                slot_mapping=mx.array([i % bs for i in range(num_tokens)], dtype=mx.int32),
+                num_decodes=rows,
+                decode_block_tables=mx.zeros((rows, 1), dtype=mx.int32),
+                decode_seq_lens=mx.ones((rows,), dtype=mx.int32),
+                prefills=(PrefillSegment(rows, prefill_tokens, prefill_tokens, null_table),),
+                block_size=bs,
+            )
+            if self.lora is not None:
+                self.lora.set_step([0] * num_tokens)
+            caches = self.store.layer_caches(attention, self.windows)
+            tokens = mx.zeros((1, num_tokens), dtype=mx.int32)
+            hidden = self.model.hidden(tokens, caches)[0]
+            logits = self.model.logits(hidden[-3:])
+            settings = (
+                SamplingParams(temperature=0.0),
+                SamplingParams(),
+                SamplingParams(temperature=0.7, top_p=0.9),
+            )
+            sample_rows = [SamplingRow(params, (), ()) for params in settings]
+            meta = SamplingMetadata.from_rows(sample_rows, logits.shape[-1])
+            sampler = Sampler(0)
+            sampler.resolve(sampler.submit(logits, meta))
+            mx.eval(self.store.state)
 
     def _pool(self, chunks: tuple[PooledChunk, ...], hidden: mx.array) -> dict[str, mx.array]:
         """Fold each embedding request's chunk into its pooling so far; the embeddings of the

@@ -57,7 +57,7 @@ def create_app(settings: ServerSettings, state: ServerState | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not state.ready:
+        if not state.loaded:
             app.state.loader = threading.Thread(target=_load, args=(state,), name="candlewick-load")
             app.state.loader.start()
         try:

@@ -65,8 +65,15 @@ class ServerState:
             self.metrics = ServerMetrics(self.snapshot)
 
     @property
-    def ready(self) -> bool:
+    def loaded(self) -> bool:
+        """The model has loaded and its engine runs (perhaps still warming up)."""
         return self.serving is not None or bool(self.embedders)
+
+    @property
+    def ready(self) -> bool:
+        """Started, and the engine's warm-up is over: the first request meets no kernel
+        still to be built."""
+        return self.loaded and (self.engine is None or self.engine.warmed)
 
     def snapshot(self) -> EngineStats:
         """The engine's latest published statistics (a frozen snapshot; any thread may read)."""
@@ -78,7 +85,7 @@ class ServerState:
         embedding: LoadedEncoder | None = None,
     ) -> None:
         """Load the model and the embedding model beside it, if any (unless given), and start
-        the engine; called once, off the loop.
+        the engine, and wait for its warm-up; called once, off the loop.
 
         Raises ``ServerStopped`` if ``stop`` came first: the engine thread is started only
         under the lock ``stop`` takes, so either ``stop`` sees it and joins it or it never
@@ -100,6 +107,8 @@ class ServerState:
                 self._start_embeddings_only(loaded)
             else:
                 self._start_engine(loaded, embedding)
+        if self.engine is not None:  # outside the lock: stop() may come meanwhile
+            self.engine.wait_warm()
 
     def _start_engine(self, loaded: LoadedModel, embedding: LoadedEncoder | None = None) -> None:
         s = self.settings

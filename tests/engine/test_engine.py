@@ -233,3 +233,30 @@ def test_prefill_padded_to_stable_shapes_equals_exact(model):
     assert padded == exact
     for rid in exact_lp:
         np.testing.assert_allclose(padded_lp[rid], exact_lp[rid], rtol=1e-4, atol=1e-4)
+
+
+def test_warm_up_writes_only_the_null_block_and_changes_no_tokens(model):
+    """A warmed engine (a dummy step run and sampled greedy and at random) gives the tokens of
+    a cold one, unseeded sampling included: the engine's key stream is untouched."""
+    ps = prompts(3, seed=31)
+
+    def reqs():
+        sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, logprobs=0)
+        return [
+            EngineRequest("g", ps[0], greedy(8, logprobs=0)),
+            EngineRequest("s", ps[1], sampled),
+            EngineRequest("t", ps[2], sampled),
+        ]
+
+    warm = make_core(model)
+    warm.warm_up()
+    block = warm.config.block_size
+    for pool in warm.runner.store.state:
+        assert not np.any(np.array(pool[block:])), "warm-up wrote outside the null block"
+    assert np.any(np.array(warm.runner.store.keys[0][:block])), "warm-up ran no step"
+    assert warm.kv.prefix_cache_stats.queries == 0
+    got, got_lp = run(warm, reqs())
+    want, want_lp = run(make_core(model), reqs())
+    assert got == want
+    for rid in want_lp:
+        np.testing.assert_allclose(got_lp[rid], want_lp[rid], rtol=1e-5, atol=1e-5)

@@ -144,6 +144,7 @@ def lockstep(model, job: Job, group) -> dict:
     else:
         core = sharded_core(model, engine_config(job), mx.float32, group)
     leader = LeaderCore(core, group, heartbeat=3600.0)
+    leader.warm_up()  # as the engine thread does; the followers warm up in step with it
     # r0 alone; the rest three steps later (their prefixes hit r0's blocks); r5 aborted while
     # it runs, and r1 aborted in the same step it arrives.
     events = {0: [("add", requests[0])], 3: [("add", r) for r in requests[1:]]}
