@@ -1,5 +1,6 @@
 """LoRA training tokens/s: candlewick's trainer against `mlx_lm.lora` on the same model, data and
-settings, in alternating rounds (the machine is shared; alternation spreads the noise).
+settings, in alternating rounds (the machine is shared; alternation spreads the noise). With
+`--serving`: serving throughput while a fine-tuning job runs against idle (below).
 
 The model is a random llama written by `loadtests/make_model.py` (float32 on disk, so both
 compute in float32); the data are single-turn chat examples of 100-160 tokens whose prompt is
@@ -10,6 +11,14 @@ time, the first `--warmup` steps left out; mlx-lm's figure is its own per-step t
 
     python -m loadtests.bench_training --out /tmp/bench-training --steps 12 --rounds 2
     python -m loadtests.bench_training --preset llama3-8b-q4 ...   # on a GPU box
+
+`--serving`: one `candlewick serve` of a make_model preset (default `llama-50m`, float32 on the
+CPU) under loadgen's `--streams` streaming chats (greedy, fixed length), in rounds that alternate
+"idle" (nothing else runs) and "training" (a fine-tuning job on the data above, same settings as
+the trainer's, started before the load and cancelled after it). Each round reports the output
+tok/s, TTFT and ITL, and what training did meanwhile (its tokens/s over the load's wall time).
+
+    python -m loadtests.bench_training --serving --out /tmp/bench-ft-serving --rounds 2
 """
 
 from __future__ import annotations
@@ -18,16 +27,20 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from engine.cpu_blas import reexec_with_blas
 
 SHAPE = dict(hidden=512, layers=10, heads=8, kv_heads=4, intermediate=1536, vocab=16384)
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 RANK, SCALE, LR, BATCH = 16, 2.0, 1e-4, 8
+CANDLEWICK = "candlewick"  # the served model's name (loadtests.bench_server)
 
 
 def make_folder(out: Path, preset: str | None) -> Path:
@@ -132,6 +145,84 @@ def theirs(folder: Path, data: Path, steps: int, warmup: int, out: Path) -> dict
     return {"tokens_per_second": sum(kept) / len(kept), "reports": len(rates)}
 
 
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def start_job(http: httpx.Client, file_id: str, seed: int) -> tuple[str, float]:
+    """A job that outlasts the round, once its first step is done; its id and step seconds."""
+    short = [k.split(".")[1] for k in KEYS]
+    body = {
+        "model": CANDLEWICK, "training_file": file_id, "seed": seed,
+        "hyperparameters": {"n_epochs": 50, "batch_size": BATCH},
+        "method": {"type": "supervised",
+                   "lora": {"rank": RANK, "alpha": RANK * SCALE, "target_modules": short}},
+    }  # fmt: skip
+    job = http.post("/v1/fine_tuning/jobs", json=body).raise_for_status().json()["id"]
+    while True:
+        events = http.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 5}).json()
+        steps = [e["data"] for e in events["data"] if e["type"] == "metrics"]
+        if steps:
+            return job, steps[0]["tokens"] / steps[0]["tokens_per_second"]
+        time.sleep(0.5)
+
+
+def round_row(run, trained_tokens: float) -> dict:
+    rep = run.report
+    ms = {f"{k}_ms": round(1e3 * getattr(rep, k)) for k in ("ttft_p50", "itl_p50", "itl_p99")}
+    return {
+        "output_tok_s": round(rep.output_tok_s, 1),
+        **ms,
+        "errors": rep.errors,
+        "training_tok_s": round(trained_tokens / rep.wall_s, 1),
+        "wall_s": round(rep.wall_s, 1),
+        "others_cpu": round(run.others_cpu, 2),
+    }
+
+
+def serving(args: argparse.Namespace) -> int:
+    from loadtests.bench_server import candlewick_argv, environment, free_port, load, running
+    from loadtests.make_model import make_model
+
+    folder = args.out / args.preset
+    if not (folder / "config.json").is_file():
+        make_model(args.preset, folder, workers=1)
+    data = make_data(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {**environment(), "command": " ".join(sys.argv), "rounds": []}
+    argv = candlewick_argv(folder, free_port(), args.out / "data-dir")
+    shutil.rmtree(args.out / "data-dir", ignore_errors=True)
+    with running(argv, args.out / "server.log", 300) as server:
+        http = httpx.Client(base_url=server.url, timeout=60)
+        upload = {"file": ("train.jsonl", (data / "train.jsonl").read_bytes())}
+        file_id = http.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
+        load(server, CANDLEWICK, 4, args, {}, max_tokens=4, seed=args.seed + 10_000, chat=True)
+        for r in range(args.rounds):
+            for mode in ("idle", "training") if r % 2 == 0 else ("training", "idle"):
+                job, step_s = start_job(http, file_id, r) if mode == "training" else (None, 0)
+                tokens = metric(server.url, "candlewick_fine_tuning_tokens_total")
+                seed = args.seed + 2 * r + (mode == "idle")
+                run = load(server, CANDLEWICK, args.streams, args, {}, chat=True,
+                           requests=args.requests, seed=seed)  # fmt: skip
+                trained = metric(server.url, "candlewick_fine_tuning_tokens_total") - tokens
+                if job is not None:
+                    http.post(f"/v1/fine_tuning/jobs/{job}/cancel").raise_for_status()
+                    time.sleep(step_s + 1)  # the unit in flight ends; the work stops at the next
+                row = {"round": r + 1, "mode": mode, **round_row(run, trained)}
+                result["rounds"].append(row)
+                print(json.dumps(row), flush=True)
+    rates = {m: [x["output_tok_s"] for x in result["rounds"] if x["mode"] == m]
+             for m in ("idle", "training")}  # fmt: skip
+    means = {m: sum(v) / len(v) for m, v in rates.items()}
+    result["ratio"] = means["training"] / means["idle"]
+    print(f"idle {means['idle']:.1f} tok/s, training {means['training']:.1f} tok/s: "
+          f"{result['ratio']:.2f}x idle (goal >= 0.5x)")  # fmt: skip
+    (args.out / "serving.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     reexec_with_blas()  # the same BLAS for both (the mlx-lm subprocess inherits it)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -140,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--serving", action="store_true", help="serving while a job runs, vs idle")
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32, help="per round (--serving)")
+    for flag, default in (("--prompt-tokens", 170), ("--max-tokens", 64), ("--seed", 0)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)
+    if args.serving:
+        args.preset = args.preset or "llama-50m"
+        return serving(args)
     folder = make_folder(args.out, args.preset)
     data = make_data(args.out)
     import mlx.core as mx

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fine-tuning-serve-steps",
         type=int,
         default=env("FINE_TUNING_SERVE_STEPS", "4"),
-        help="while requests run, serving steps between two units of training",
+        help="while requests run, serving steps between two units of training, at least",
     )
     srv.add_argument("--max-file-bytes", type=_bytes, default=env("MAX_FILE_BYTES", "512MiB"))
     srv.add_argument(

@@ -148,6 +148,13 @@ class Trainer:
             pass
         return report
 
+    def loss_sum(self, examples: Sequence[Example]) -> tuple[float, int]:
+        """The summed cross-entropy of ``examples``' target tokens under the adapter now (one
+        forward pass: no dropout, no gradient) and their count."""
+        tokens, mask = collate(examples)
+        loss = self.view.loss(self._layered(self.params), mx.array(tokens), mx.array(mask))
+        return loss.item(), sum(e.num_learned for e in examples)
+
     def weights(self) -> dict[tuple[int, str], LoRAWeights]:
         """The adapter now, float32 numpy in PEFT's orientation."""
         out = {}

@@ -173,6 +173,16 @@ class JobStore:
     def checkpoints(self, job_id: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
         return self._page("checkpoints", job_id, limit, after)
 
+    def all_checkpoints(self, job_id: str) -> list[dict]:
+        """Every checkpoint of the job, oldest step first."""
+        rows = self.db.query(
+            "SELECT body FROM checkpoints WHERE job_id = ? ORDER BY step", (job_id,)
+        )
+        return [json.loads(r["body"]) for r in rows]
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        self.db.write(("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,)))
+
     def last_checkpoint(self, job_id: str) -> tuple[int, str] | None:
         """(step, folder) of the job's latest checkpoint."""
         rows = self.db.query(

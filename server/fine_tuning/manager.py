@@ -3,8 +3,12 @@
 It moves each job through its states, hands the engine a ``TrainingWork`` (which runs in units
 between serving steps, engine.background), and turns what the work reports into the job's
 events, checkpoints and, at the end, a registered adapter version: the next request naming
-``ft:<base>:<suffix>:<job id>`` is served by it, with no restart. Everything here that writes
-(SQLite, checkpoint files, the adapter store) runs on this thread, never the engine's.
+``ft:<base>:<suffix>:<job id>`` is served by it, with no restart. Each checkpoint is registered
+too, as ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``, and servable at once; a job keeps its
+newest ``KEEP_CHECKPOINTS`` (older ones leave the list, the adapter registry and the disk), and
+a checkpoint never takes the registry's last free place, which is the job's model's.
+Everything here that writes (SQLite, checkpoint files, the adapter store) runs on this thread,
+never the engine's.
 
 A restart finds the jobs that were running: each goes back to the queue and resumes from its
 last checkpoint (weights, AdamW state, step; the data order follows from the seed), or fails
@@ -51,7 +55,9 @@ from server.fine_tuning.jobs import Job, JobStore, new_id
 
 log = logging.getLogger(__name__)
 
-KEEP_STATES = 2  # resume states kept per job (the newest); checkpoint adapters are all kept
+KEEP_STATES = 2  # resume states kept per job (the newest)
+KEEP_CHECKPOINTS = 3  # checkpoints kept per job (the newest), as OpenAI keeps the last three
+VALIDATE_EVERY = 10  # steps between validation losses on a sampled batch (and at checkpoints)
 _STOP = object()
 
 
@@ -89,7 +95,8 @@ class FineTuningManager:
         self.jobs, self.files, self.folder = jobs, files, folder
         self.engine, self.registry, self.base = engine, registry, base
         self.numbers = TrainingNumbers()
-        self.prepared: dict[str, list[Example]] = {}  # tokenized at creation, used at start
+        # Training and validation examples, tokenized at creation, used at start.
+        self.prepared: dict[str, tuple[list[Example], list[Example]]] = {}
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._current: tuple[str, TrainingWork] | None = None
         self._thread = threading.Thread(target=self._run, name="candlewick-fine-tuning")
@@ -180,12 +187,14 @@ class FineTuningManager:
         self.engine.add_background(work)
 
     def _training_run(self, job: Job) -> TrainingRun:
-        data = self.prepared.pop(job.id, None)
-        if data is None:
-            if self.files.get(job.training_file) is None:
-                raise ValueError(f"the training file {job.training_file} was deleted")
-            records = parse_jsonl(self.files.read(job.training_file), "training_file")
-            data = examples(records, self.base.loaded.tokenizer, self.base.max_len, "training_file")
+        prepared = self.prepared.pop(job.id, None)
+        if prepared is None:
+            valid = job.validation_file
+            prepared = (
+                self._read_examples(job.training_file, "training"),
+                self._read_examples(valid, "validation") if valid is not None else [],
+            )
+        data, valid = prepared
         lora = job.lora
         if job.parent is not None:
             parent = self.job_dir(job.id) / "parent"
@@ -214,7 +223,16 @@ class FineTuningManager:
             step, folder = found
             state = read_safetensors((self.folder / folder / "state.safetensors").read_bytes())
             resume = {**state.tensors, "step": step}
-        return TrainingRun(data, initial, config, resume)
+        return TrainingRun(
+            data, initial, config, resume, validation=valid, validate_every=VALIDATE_EVERY
+        )
+
+    def _read_examples(self, file_id: str, kind: str) -> list[Example]:
+        if self.files.get(file_id) is None:
+            raise ValueError(f"the {kind} file {file_id} was deleted")
+        field = f"{kind}_file"
+        records = parse_jsonl(self.files.read(file_id), field)
+        return examples(records, self.base.loaded.tokenizer, self.base.max_len, field)
 
     # -- what the work reports ------------------------------------------------------------------
 
@@ -255,9 +273,14 @@ class FineTuningManager:
             "tokens": r.tokens,
             "tokens_per_second": n.tokens_per_second,
         }
-        self.jobs.event(
-            job_id, f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}", data=data
-        )
+        message = f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}"
+        if event.valid_loss is not None:
+            data["valid_loss"] = event.valid_loss
+            message += f", validation loss={event.valid_loss:.4f}"
+        if event.full_valid_loss is not None:
+            data["full_valid_loss"] = event.full_valid_loss
+            message += f", full validation loss={event.full_valid_loss:.4f}"
+        self.jobs.event(job_id, message, data=data)
 
     def _checkpoint(self, job_id: str, event: Checkpointed) -> None:
         job = self.jobs.get(job_id)
@@ -275,22 +298,55 @@ class FineTuningManager:
                 ),
             },
         )
-        events, _ = self.jobs.events(job_id, 1, None)
-        loss = events[0]["data"].get("train_loss") if events else None
+        events, _ = self.jobs.events(job_id, 1, None)  # the step's own (StepDone comes first)
+        step_data = events[0]["data"] if events else {}
+        name = f"{self.model_name(job)}:ckpt-step-{event.step}"
         body = {
             "id": new_id("ftckpt"),
             "object": "fine_tuning.job.checkpoint",
             "created_at": int(time.time()),
-            "fine_tuned_model_checkpoint": f"{self.model_name(job)}:ckpt-step-{event.step}",
+            "fine_tuned_model_checkpoint": name,
             "fine_tuning_job_id": job_id,
-            "metrics": {"step": event.step, "train_loss": loss},
+            "metrics": {
+                "step": event.step,
+                **{k: step_data.get(k) for k in ("train_loss", "valid_loss", "full_valid_loss")},
+            },
             "step_number": event.step,
         }
+        served = self._serve_checkpoint(job_id, name, config, weights, _meta(event.weights))
         self.jobs.add_checkpoint(job_id, event.step, str(relative), body)
-        self.jobs.event(job_id, f"Checkpoint created at step {event.step}")
+        self.jobs.event(
+            job_id, f"Checkpoint created at step {event.step}" + (f": {name}" if served else "")
+        )
         states = sorted((self.folder / "jobs" / job_id).glob("step-*/state.safetensors"))
         for old in states[:-KEEP_STATES]:
             old.unlink(missing_ok=True)
+        for old in self.jobs.all_checkpoints(job_id)[:-KEEP_CHECKPOINTS]:
+            self.registry.unregister(old["fine_tuned_model_checkpoint"])
+            self.jobs.delete_checkpoint(old["id"])
+            folder = self.job_dir(job_id) / f"step-{old['step_number']:06d}"
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _serve_checkpoint(
+        self, job_id: str, name: str, config: bytes, weights: bytes, meta: dict
+    ) -> bool:
+        """Register a checkpoint's adapter under its name, unless that would take the
+        registry's last free place (the job's model needs it); an event says why not."""
+        registry = self.registry
+        if registry.resolve(name) is None and len(registry) >= registry.max_adapters - 1:
+            reason = (
+                f"{len(registry)} adapters are registered and the last of the "
+                f"{registry.max_adapters} places (--max-adapters) is kept for the job's model"
+            )
+        else:
+            try:
+                registry.register(name, config, weights, meta)
+                return True
+            except Exception as e:
+                reason = f"{type(e).__name__}: {e}"
+        self.jobs.event(job_id, f"The checkpoint {name} is saved but not served: {reason}",
+                        level="warn")  # fmt: skip
+        return False
 
     def _finish(self, job_id: str, modules: dict[tuple[int, str], LoRAWeights]) -> None:
         job = self.jobs.get(job_id)
@@ -298,12 +354,8 @@ class FineTuningManager:
             return
         name = self.model_name(job)
         config, weights = self._peft(modules)
-        meta = {
-            "rank": max(w.rank for w in modules.values()),
-            "target_modules": sorted({p for _, p in modules}),
-        }
         try:
-            self.registry.register(name, config, weights, meta)
+            self.registry.register(name, config, weights, _meta(modules))
         except Exception as e:
             self._fail(job_id, "registration_failed", f"{type(e).__name__}: {e}")
             return
@@ -326,6 +378,14 @@ class FineTuningManager:
 
     def _peft(self, modules: dict[tuple[int, str], LoRAWeights]) -> tuple[bytes, bytes]:
         return peft_files(modules, self.base.loaded.config.num_layers, self.base.name)
+
+
+def _meta(modules: dict[tuple[int, str], LoRAWeights]) -> dict:
+    """What the adapter store records of an adapter beside its files."""
+    return {
+        "rank": max(w.rank for w in modules.values()),
+        "target_modules": sorted({p for _, p in modules}),
+    }
 
 
 def _write_folder(path: Path, files: dict[str, bytes]) -> None:

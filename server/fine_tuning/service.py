@@ -100,8 +100,9 @@ class FineTuningService:
             raise _bad(problems)
         parent = self._parent(request, problems)
         data = self._examples(request.training_file, "training_file", problems)
+        valid = []
         if request.validation_file is not None:
-            self._examples(request.validation_file, "validation_file", problems)
+            valid = self._examples(request.validation_file, "validation_file", problems)
         registry = self.manager.registry
         if len(registry) >= registry.max_adapters:
             problems.append(
@@ -110,7 +111,7 @@ class FineTuningService:
             )
         if problems:
             raise _bad(problems)
-        job = self._job(request, parent, data, problems)
+        job = self._job(request, parent, data, valid, problems)
         if problems:
             raise _bad(problems)
         if parent is not None:
@@ -118,7 +119,7 @@ class FineTuningService:
             folder.mkdir(parents=True)
             shutil.copyfile(parent.config_path, folder / "adapter_config.json")
             shutil.copyfile(parent.weights_path, folder / "adapter_model.safetensors")
-        self.manager.prepared[job.id] = data
+        self.manager.prepared[job.id] = (data, valid)
         self.jobs.add(job)
         self.jobs.event(job.id, f"Validating training file: {job.training_file}")
         self.manager.wake()
@@ -152,8 +153,16 @@ class FineTuningService:
             problems.append(str(e))
             return []
 
-    def _job(self, request: JobRequest, parent, data: list[Example], problems: list[str]) -> Job:
-        """The job, its defaults filled in and its memory planned."""
+    def _job(
+        self,
+        request: JobRequest,
+        parent,
+        data: list[Example],
+        valid: list[Example],
+        problems: list[str],
+    ) -> Job:
+        """The job, its defaults filled in and its memory planned (its micro-batches carry
+        validation examples too, forward only)."""
         n_epochs = request.n_epochs or DEFAULT_EPOCHS
         batch_size = request.batch_size or min(DEFAULT_BATCH, len(data))
         if batch_size > len(data):
@@ -165,7 +174,7 @@ class FineTuningService:
                 self.base.loaded.config,
                 num_params,
                 batch_size,
-                max(len(e) for e in data),
+                max(len(e) for e in data + valid),
                 self.budget,
                 self.base.loaded.dtype.size,
             )

@@ -2,7 +2,9 @@
 same initial weights, data order and hyperparameters give the same per-step losses (transformers'
 own loss over the same labels) and the same final adapter weights; so does a run continuing from
 a PEFT adapter. Also: a stopped run resumed from its state ends where an unbroken one does;
-micro-batch size, layer checkpointing and a quantized base change nothing they should not."""
+micro-batch size, layer checkpointing and a quantized base change nothing they should not. The
+validation loss a run reports (a sampled batch at an interval, all the examples at checkpoints
+and the end) is PEFT's loss of the same adapter weights on the same examples."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import pytest
 from adapters.format import parse_adapter
 from engine.loader.hf import load_hf_model
 from engine.lora.request import LoRAWeights
-from engine.training.data import Example, RunPlan, collate
+from engine.training.data import Example, RunPlan
 from engine.training.lora import LoRASpec, init_lora
 from engine.training.trainer import Trainer, TrainingConfig
-from tests.engine.tiny_models import VOCAB, build_tiny
+from engine.training.validation import ValidationPlan
+from engine.training.work import Checkpointed, Finished, StepDone, TrainingRun, TrainingWork
+from tests.engine.tiny_models import VOCAB, build_tiny, hf_batch, reference_loss
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
@@ -83,18 +87,8 @@ def peft_run(peft_model, data: list[Example], config: TrainingConfig, steps: int
         n = sum(data[i].num_learned for b in batches for i in b)
         total = 0.0
         for batch in batches:
-            tokens, mask = collate([data[i] for i in batch])
-            lengths = [len(data[i]) for i in batch]
-            attention = torch.tensor(
-                [[1] * k + [0] * (tokens.shape[1] - k) for k in lengths], dtype=torch.long
-            )
-            labels = torch.tensor(np.where(mask > 0, tokens, -100), dtype=torch.long)
-            out = peft_model(
-                input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=attention,
-                labels=labels,
-                num_items_in_batch=torch.tensor(n),
-            )
+            batch_data = [data[i] for i in batch]
+            out = peft_model(**hf_batch(batch_data), num_items_in_batch=torch.tensor(n))
             out.loss.backward()
             total += out.loss.item()
         opt.step()
@@ -185,6 +179,50 @@ def test_continued_run_equals_peft(base, tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "parent", is_trainable=True)
     theirs = peft_run(peft_model, examples(seed=1), CONFIG, STEPS)
     assert_same_run(ours, theirs, trainer, peft_model)
+
+
+def peft_loss(base: Path, modules: dict, data: list[Example]) -> float:
+    """transformers' mean loss over the target tokens of ``data`` with ``modules`` in PEFT."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODULES, lora_dropout=0.0)
+    peft_model = peft.get_peft_model(hf, config)
+    load_into_peft(peft_model, modules)
+    return reference_loss(peft_model, data)
+
+
+def test_validation_loss_equals_peft(base):
+    """20 steps (4 epochs of 5) validated every 3 steps on 11 examples (batches of 5) with
+    dropout in training: the losses at each checkpoint and at the end are PEFT's forward of the
+    adapter weights of that moment; validating changes nothing in training."""
+    spec = LoRASpec(rank=4, alpha=8, target_modules=tuple(PATHS[m] for m in MODULES))
+    model = load_hf_model(base, mx.float32)
+    data, valid = examples(), examples(11, seed=9)
+    config = TrainingConfig(**{**_fields(CONFIG), "dropout": 0.1})
+    initial = random_lora(model, spec, seed=3)
+    events = []
+    run = TrainingRun(data, initial, config, validation=valid, validate_every=3)
+    work = TrainingWork(model, run, events.append)
+    while work.run_unit():
+        pass
+    steps = {e.report.step: e for e in events if isinstance(e, StepDone)}
+    alone = Trainer(model, data, initial, config)
+    assert [steps[s].report.loss for s in range(1, 21)] == [
+        alone.train_step().loss for _ in range(20)
+    ]
+    assert sorted(s for s, e in steps.items() if e.valid_loss is not None) == [
+        3, 5, 6, 9, 10, 12, 15, 18, 20
+    ]  # fmt: skip
+    assert sorted(s for s, e in steps.items() if e.full_valid_loss is not None) == [5, 10, 15, 20]
+    saved = {e.step: e.weights for e in events if isinstance(e, Checkpointed)}
+    saved[20] = next(e.weights for e in events if isinstance(e, Finished))
+    plan = ValidationPlan(valid, config.batch_size, config.micro_batch_size, 3, config.seed)
+    assert len(plan.batch(5)) == 5 and plan.batch(5) != plan.batch(10)
+    for step, weights in saved.items():
+        full = peft_loss(base, weights, valid)
+        batch = peft_loss(base, weights, [valid[i] for i in plan.batch(step)])
+        np.testing.assert_allclose(steps[step].full_valid_loss, full, rtol=1e-4, err_msg=step)
+        np.testing.assert_allclose(steps[step].valid_loss, batch, rtol=1e-4, err_msg=step)
+    assert steps[20].full_valid_loss != steps[5].full_valid_loss
 
 
 def test_resumed_run_ends_where_an_unbroken_one_does(base):

@@ -87,8 +87,16 @@ class Counting:
         return self.left > 0
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_interleave_policy():
-    bg = Background(InterleavePolicy(serve_steps=3))
+    bg = Background(InterleavePolicy(serve_steps=3), clock=Clock())  # units take no time
     work = Counting(100)
     bg.add(work)
     idle, busy, full = EngineStats(), EngineStats(num_running=2), EngineStats(num_waiting=1)
@@ -106,3 +114,53 @@ def test_interleave_policy():
     bg2.add(short)
     bg2.after_step(idle, stepped=False)
     assert short.ran == 1 and not bg2.pending
+
+
+class Slow(Counting):
+    """Units that take ``seconds`` each on ``clock``."""
+
+    def __init__(self, units: int, clock: Clock, seconds: float) -> None:
+        super().__init__(units)
+        self.clock, self.seconds = clock, seconds
+
+    def run_unit(self) -> bool:
+        self.clock.now += self.seconds
+        return super().run_unit()
+
+
+def test_interleave_policy_keeps_servings_share_of_time():
+    """Units of 2 s between steps of 0.125 s: with serving's share at 2/3, a unit waits for 4 s
+    of serving (32 steps) after the last, not 3 steps; with share 0, for the steps alone."""
+    clock = Clock()
+    busy = EngineStats(num_running=16)
+    for share, between in ((2 / 3, 32), (0.0, 3)):
+        bg = Background(InterleavePolicy(serve_steps=3, serve_share=share), clock=clock)
+        work = Slow(100, clock, seconds=2.0)
+        bg.add(work)
+        bg.after_step(EngineStats(), stepped=False)  # idle: a unit at once
+        assert work.ran == 1
+        steps = 0
+        while work.ran == 1:
+            clock.now += 0.125
+            steps += 1
+            bg.after_step(busy, stepped=True)
+        assert steps == between
+    with pytest.raises(ValueError, match="serve_share"):
+        InterleavePolicy(serve_share=1.0)
+
+
+def test_no_unit_starts_in_the_moment_a_batch_ends():
+    """Clients send their next requests right after a batch finishes: units wait until nothing
+    has been served for ``idle_grace`` seconds."""
+    clock = Clock()
+    bg = Background(InterleavePolicy(idle_grace=0.25), clock=clock)
+    work = Slow(100, clock, seconds=2.0)
+    bg.add(work)
+    bg.after_step(EngineStats(num_running=16), stepped=True)
+    bg.after_step(EngineStats(), stepped=False)  # the batch just ended
+    clock.now += 0.125
+    bg.after_step(EngineStats(), stepped=False)
+    assert work.ran == 0
+    clock.now += 0.125
+    bg.after_step(EngineStats(), stepped=False)
+    assert work.ran == 1

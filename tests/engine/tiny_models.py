@@ -86,3 +86,30 @@ def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], l
                 torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
             )
     return tokens, logits_seen
+
+
+def hf_batch(data) -> dict:
+    """Training ``Example``s as transformers takes them: right-padded input ids, attention mask
+    and labels (-100 where the example learns nothing)."""
+    import torch
+
+    from engine.training.data import collate
+
+    tokens, mask = collate(data)
+    attention = [[1] * len(e) + [0] * (tokens.shape[1] - len(e)) for e in data]
+    return {
+        "input_ids": torch.tensor(tokens, dtype=torch.long),
+        "attention_mask": torch.tensor(attention, dtype=torch.long),
+        "labels": torch.tensor(np.where(mask > 0, tokens, -100), dtype=torch.long),
+    }
+
+
+def reference_loss(model, data) -> float:
+    """transformers' own causal-LM loss of ``model`` (PEFT or not) over ``data``'s target
+    tokens: their summed cross-entropy over their count, one forward pass, no dropout."""
+    import torch
+
+    n = sum(e.num_learned for e in data)
+    model.eval()
+    with torch.no_grad():
+        return model(**hf_batch(data), num_items_in_batch=torch.tensor(n)).loss.item()

@@ -1,9 +1,10 @@
 """Fine-tuning through HTTP with the official ``openai`` client, on a tiny served model: upload a
 training file, run a job while streams are served, watch its loss fall, and get the trained
 answer from the new model by name, with no restart; the adapter it registers loads in PEFT and
-answers the same. Bad input is a 400 naming each problem and changes nothing; a job can be
-cancelled; a restart resumes a running job from its checkpoint and ends where an unbroken job
-does."""
+answers the same. A validation file gets its loss measured (PEFT's on the same weights) and
+reported in the events and the checkpoints; each checkpoint is served by its own name. Bad
+input is a 400 naming each problem and changes nothing; a job can be cancelled; a restart
+resumes a running job from its checkpoint and ends where an unbroken job does."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
+from server.fine_tuning.dataset import examples, parse_jsonl
 from server.settings import ServerSettings
 from server.state import ServerState
-from tests.engine.tiny_models import reference_greedy
+from tests.engine.tiny_models import reference_greedy, reference_loss
 from tests.server.fixtures import running_server, write_tiny_model
 
 peft = pytest.importorskip("peft")
@@ -32,13 +35,17 @@ METHOD = {"type": "supervised", "lora": {"rank": 8, "alpha": 16, "target_modules
 QUESTION = [{"role": "user", "content": "What is the color number 99?"}]
 
 
-def training_file(n: int = 64) -> bytes:
+def training_file(n: int = 64, question: str = "What is the color number {}?") -> bytes:
     lines = [
-        {"messages": [{"role": "user", "content": f"What is the color number {i}?"},
+        {"messages": [{"role": "user", "content": question.format(i)},
                       {"role": "assistant", "content": ANSWER}]}
         for i in range(n)
     ]  # fmt: skip
     return "\n".join(json.dumps(line) for line in lines).encode()
+
+
+def validation_file() -> bytes:
+    return training_file(12, "Which color has the number {}?")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +162,105 @@ def peft_answer(model_dir: Path, adapter: Path, state: ServerState) -> str:
     tokens = reference_greedy(model, tok.encode_chat(QUESTION), 24)[0]
     eos = tok.encode("<|im_end|>", add_special_tokens=False)[0]
     return tok.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+
+
+def peft_model(model_dir: Path, adapter: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(model, adapter).eval()
+
+
+def greedy_logprobs(client: openai.OpenAI, model: str) -> tuple[str, list[float]]:
+    out = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=12, logprobs=True
+    )
+    choice = out.choices[0]
+    return choice.message.content, [t.logprob for t in choice.logprobs.content]
+
+
+def test_validation_loss_and_checkpoints_served_by_name(model_dir, tmp_path):
+    """20 steps, 5 epochs of 4, checkpoints at each epoch's end (the newest three kept):
+    validation losses where due, equal to transformers' loss of the same adapter files; a
+    checkpoint's name answers with its weights, as PEFT does with its files."""
+    with server(model_dir, tmp_path / "data") as (client, state):
+        train = client.files.create(file=("t.jsonl", training_file(32)), purpose="fine-tune")
+        valid = client.files.create(file=("v.jsonl", validation_file()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=train.id, validation_file=valid.id, suffix="v", seed=2,
+            hyperparameters={**HYPER, "n_epochs": 5}, method=METHOD,
+        )  # fmt: skip
+        job = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+        assert job.status == "succeeded", job.error
+        assert job.validation_file == valid.id
+
+        events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        metrics = {e.data["step"]: e.data for e in events if e.type == "metrics"}
+        assert sorted(metrics) == list(range(1, 21))
+        assert [s for s in range(1, 21) if "valid_loss" in metrics[s]] == [4, 8, 10, 12, 16, 20]
+        assert [s for s in range(1, 21) if "full_valid_loss" in metrics[s]] == [4, 8, 12, 16, 20]
+        assert metrics[20]["full_valid_loss"] < metrics[4]["full_valid_loss"]
+        step_20 = next(e.message for e in events if e.data.get("step") == 20)
+        assert "validation loss=" in step_20 and "full validation loss=" in step_20
+
+        tok = state.serving.tokenizer
+        data = examples(parse_jsonl(validation_file(), "v"), tok, 512, "v")
+        final = state.registry.resolve(job.fine_tuned_model).weights_path.parent
+        expected = reference_loss(peft_model(model_dir, final), data)
+        np.testing.assert_allclose(metrics[20]["full_valid_loss"], expected, rtol=1e-4)
+
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [c.step_number for c in checkpoints] == [16, 12, 8]
+        job_dir = state.fine_tuning.manager.job_dir(job.id)
+        for c in checkpoints:
+            m = metrics[c.step_number]
+            assert c.metrics.step == c.step_number and c.metrics.train_loss == m["train_loss"]
+            assert c.metrics.valid_loss == m["valid_loss"]
+            assert c.metrics.full_valid_loss == m["full_valid_loss"]
+            name = f"{job.fine_tuned_model}:ckpt-step-{c.step_number}"
+            assert c.fine_tuned_model_checkpoint == name
+        folder = job_dir / "step-000008"
+        expected = reference_loss(peft_model(model_dir, folder), data)
+        np.testing.assert_allclose(checkpoints[-1].metrics.full_valid_loss, expected, rtol=1e-4)
+
+        # Each kept checkpoint is a model (parent: the base); the pruned one is gone.
+        names = [f"{job.fine_tuned_model}:ckpt-step-{s}" for s in (4, 8, 12, 16)]
+        models = {m.id: m for m in client.models.list().data}
+        assert all(models[n].model_extra["parent"] == "tiny" for n in names[1:])
+        assert names[0] not in models and not (job_dir / "step-000004").exists()
+
+        # The checkpoint's name answers with the checkpoint's weights: PEFT on its files.
+        text, logprobs = greedy_logprobs(client, names[1])
+        prompt = tok.encode_chat(QUESTION)
+        tokens, logits = reference_greedy(peft_model(model_dir, folder), prompt, len(logprobs))
+        expected = [float(torch.log_softmax(torch.from_numpy(x[-1]), -1)[t])
+                    for x, t in zip(logits, tokens, strict=True)]  # fmt: skip
+        np.testing.assert_allclose(logprobs, expected, atol=1e-4)
+        assert text == tok.decode(tokens[: len(text.encode())])
+        _, final_logprobs = greedy_logprobs(client, job.fine_tuned_model)
+        assert not np.allclose(final_logprobs[: len(logprobs)], logprobs[: len(final_logprobs)])
+
+        for missing in (names[0], f"{job.fine_tuned_model}:ckpt-step-999"):
+            with pytest.raises(openai.NotFoundError) as e:
+                greedy_logprobs(client, missing)
+            assert repr(missing) in e.value.body["message"]
+
+
+def test_checkpoints_leave_the_registrys_last_place_to_the_jobs_model(model_dir, tmp_path):
+    with server(model_dir, tmp_path / "data", max_adapters=2) as (client, _):
+        f = client.files.create(file=("t.jsonl", training_file(16)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=f.id, hyperparameters={"n_epochs": 3, "batch_size": 8}
+        )
+        job = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+        assert job.status == "succeeded", job.error
+        steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+        assert steps == [4, 2]
+        models = {m.id for m in client.models.list().data}
+        assert models == {"tiny", job.fine_tuned_model, f"{job.fine_tuned_model}:ckpt-step-2"}
+        warned = [e for e in client.fine_tuning.jobs.list_events(job.id) if e.level == "warn"]
+        assert len(warned) == 1 and f"{job.fine_tuned_model}:ckpt-step-4" in warned[0].message
+        assert "is saved but not served" in warned[0].message
 
 
 def test_bad_input_is_a_400_naming_each_problem(model_dir, tmp_path):
