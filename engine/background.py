@@ -115,11 +115,13 @@ class Background:
         if not self._works:
             return
         now = self.clock()
-        if stepped or stats.num_running or stats.num_waiting:
+        serving = stepped or stats.num_running or stats.num_waiting
+        if serving:
             self._busy = now
         since, idle = now - self._unit_end, now - self._busy
         if not self.policy.due(stats, self._steps_since_unit, since, self._unit_seconds, idle):
-            if idle < self.policy.idle_grace:
+            # Resting only in the idle grace: a serving step must never wait for it.
+            if not serving and idle < self.policy.idle_grace:
                 time.sleep(GRACE_POLL)  # the loop comes straight back: do not spin meanwhile
             return
         self._steps_since_unit = 0
