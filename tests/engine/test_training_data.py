@@ -164,3 +164,20 @@ def test_no_unit_starts_in_the_moment_a_batch_ends():
     clock.now += 0.125
     bg.after_step(EngineStats(), stepped=False)
     assert work.ran == 1
+
+
+def test_the_engine_rests_only_in_the_idle_grace(monkeypatch):
+    """While a unit waits its turn, a serving step goes straight on to the next; only an idle
+    loop inside the grace rests (instead of spinning)."""
+    import engine.background as background
+
+    rests: list[float] = []
+    monkeypatch.setattr(background.time, "sleep", rests.append)
+    clock = Clock()
+    bg = Background(InterleavePolicy(serve_steps=3, idle_grace=0.25), clock=clock)
+    bg.add(Slow(100, clock, seconds=2.0))
+    for _ in range(2):  # not due yet: fewer than serve_steps steps
+        bg.after_step(EngineStats(num_running=4), stepped=True)
+    assert rests == []
+    bg.after_step(EngineStats(), stepped=False)  # the batch just ended: inside the grace
+    assert rests == [background.GRACE_POLL]
