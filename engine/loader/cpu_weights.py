@@ -120,24 +120,39 @@ def plan_cpu_weights(
 
     if not is_cpu:
         return plan(False, "a GPU runs quantized weights fast")
-    if mode == "dense":
-        return plan(True, "--cpu-weights dense")
-    if mode == "quantized":
-        return plan(False, "--cpu-weights quantized")
-    if quantized_on_request:
-        return plan(False, "the weights were quantized on request (--quantize)")
+    forced = forced_choice(mode, "--cpu-weights", quantized_on_request)
+    if forced is not None:
+        return plan(*forced)
     ram = free_ram if free_ram is not None else CPU_UNKNOWN_RAM
     if kv_cache_memory is not None:
         kv, kv_source = kv_cache_memory, "--kv-cache-memory"
     else:
         kv, kv_source = min(ram // 2, CPU_DEFAULT_KV_CAP), "the KV cache's default budget"
-    room = int(max(ram - kv, 0) * DENSE_RAM_SHARE)
-    growth = dense - now
+    fits, room = dense_fits(dense - now, ram, kv, DENSE_RAM_SHARE)
     numbers = (
-        f"dense float32 adds {fmt(growth)}; {DENSE_RAM_SHARE:g} of the {fmt(ram)} available "
+        f"dense float32 adds {fmt(dense - now)}; {DENSE_RAM_SHARE:g} of the {fmt(ram)} available "
         f"RAM less {fmt(kv)} for {kv_source} is {fmt(room)}"
     )
-    return plan(growth <= room, numbers)
+    return plan(fits, numbers)
+
+
+def forced_choice(mode: str, flag: str, quantized_on_request: bool) -> tuple[bool, str] | None:
+    """(dense?, why) when the user decided (``flag`` dense or quantized, or ``--quantize``);
+    None when the memory rule decides."""
+    if mode == "dense":
+        return True, f"{flag} dense"
+    if mode == "quantized":
+        return False, f"{flag} quantized"
+    if quantized_on_request:
+        return False, "the weights were quantized on request (--quantize)"
+    return None
+
+
+def dense_fits(growth: int, memory: int, kv: int, share: float) -> tuple[bool, int]:
+    """Whether dense copies growing the weights by ``growth`` bytes fit ``share`` of the memory
+    left after the KV budget ``kv``; and that room."""
+    room = int(max(memory - kv, 0) * share)
+    return growth <= room, room
 
 
 def dense_weight(m: nn.Module) -> mx.array:

@@ -31,7 +31,9 @@ import mlx.core as mx
 from engine.config import EngineConfig
 from engine.loader.cpu_weights import (
     WeightsPlan,
+    dense_fits,
     densify,
+    forced_choice,
     layer_bytes,
     quantized_layers,
     weights_choice,
@@ -73,12 +75,9 @@ def plan_cuda_weights(
 
     if not is_cuda(reading):
         return plan(False, "not a CUDA device")
-    if mode == "dense":
-        return plan(True, "--cuda-weights dense")
-    if mode == "quantized":
-        return plan(False, "--cuda-weights quantized")
-    if quantized_on_request:
-        return plan(False, "the weights were quantized on request (--quantize)")
+    forced = forced_choice(mode, "--cuda-weights", quantized_on_request)
+    if forced is not None:
+        return plan(*forced)
     try:
         available = available_memory(reading)
     except UnknownDeviceMemory as e:
@@ -88,13 +87,13 @@ def plan_cuda_weights(
     else:
         fraction = EngineConfig().kv_cache_memory_fraction
         kv, kv_source = int(available.nbytes * fraction), "the KV cache's default budget"
-    room = int(max(available.nbytes - kv, 0) * DENSE_SHARE)
-    growth = dense - now
+    fits, room = dense_fits(dense - now, available.nbytes, kv, DENSE_SHARE)
     numbers = (
-        f"dense {_name(dtype)} adds {fmt(growth)}; {DENSE_SHARE:g} of the {fmt(available.nbytes)} "
-        f"available ({available.source}) less {fmt(kv)} for {kv_source} is {fmt(room)}"
+        f"dense {_name(dtype)} adds {fmt(dense - now)}; {DENSE_SHARE:g} of the "
+        f"{fmt(available.nbytes)} available ({available.source}) less {fmt(kv)} for {kv_source} "
+        f"is {fmt(room)}"
     )
-    return plan(growth <= room, numbers)
+    return plan(fits, numbers)
 
 
 def _name(dtype: mx.Dtype) -> str:
