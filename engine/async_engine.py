@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from engine.background import Background, BackgroundWork
+from engine.background import Background, BackgroundWork, Cancellable
 from engine.encoder_core import EncodeRequest
 from engine.engine_core import EngineCore
+from engine.engine_process import EngineInfo, EngineProcess, EngineSpec
 from engine.engine_thread import EngineThread
+from engine.models.base import CausalLM
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from engine.stats import EngineStats
+from engine.training.work import TrainingEvent, TrainingRun
 
 
 class AsyncEngine:
@@ -26,12 +29,33 @@ class AsyncEngine:
     paid once per wake-up rather than once per token, and it catches up instead of lagging.
     """
 
-    def __init__(self, core: EngineCore, background: Background | None = None) -> None:
-        self.core = core
+    def __init__(
+        self,
+        core: EngineCore | None,
+        background: Background | None = None,
+        model: CausalLM | None = None,
+        *,
+        process: EngineSpec | None = None,
+        on_exit: Callable[[str], None] | None = None,
+    ) -> None:
+        """The engine on a thread of this process over ``core`` (``model``: the served model,
+        which training runs on), or, given ``process``, in a process of its own that loads the
+        model itself (engine.engine_process; ``on_exit`` hears if that process ends
+        unasked). Returns once the engine has started (its warm-up may still run)."""
+        self.core = core  # None when the engine runs in another process
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = EngineThread(core, self._publish, background)
+        self._thread: EngineThread | EngineProcess
+        if process is not None:
+            self._thread = EngineProcess(process, self._publish, on_exit)
+        else:
+            self._thread = EngineThread(core, self._publish, background, model)
         self._thread.start()
+
+    @property
+    def info(self) -> EngineInfo | None:
+        """What an engine in its own process loaded (None for one on a thread here)."""
+        return self._thread.info if isinstance(self._thread, EngineProcess) else None
 
     async def generate(
         self, request: EngineRequest | EncodeRequest
@@ -74,14 +98,28 @@ class AsyncEngine:
     @property
     def stats(self) -> EngineStats:
         """The engine's latest published snapshot (safe to read from any thread)."""
-        return self.core.stats
+        return self._thread.stats
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.alive
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
 
     def add_background(self, work: BackgroundWork) -> None:
-        """Run ``work`` on the engine thread in units between steps (engine.background)."""
+        """Run ``work`` on the engine thread in units between steps (engine.background); an
+        engine on a thread here only."""
+        if isinstance(self._thread, EngineProcess):
+            raise TypeError("work objects cannot be sent to an engine in another process")
         self._thread.add_background(work)
+
+    def start_training(
+        self, run: TrainingRun, report: Callable[[TrainingEvent], None]
+    ) -> Cancellable:
+        """Train on the served model between steps, wherever the engine runs; ``report`` gets
+        each event (on an engine thread), the handle returned cancels it."""
+        return self._thread.start_training(run, report)
 
     def shutdown(self) -> None:
         self._thread.stop(timeout=10)

@@ -46,6 +46,12 @@ class BackgroundWork(Protocol):
         ...
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None:
+        """Stop the work at its next unit (any thread)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class InterleavePolicy:
     """When a unit of background work may follow a step (see the module docstring)."""

@@ -22,10 +22,13 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from engine.background import Background, BackgroundWork
+from engine.background import Background, BackgroundWork, Cancellable
 from engine.engine_core import EngineCore
+from engine.models.base import CausalLM
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
+from engine.stats import EngineStats
+from engine.training.work import TrainingEvent, TrainingRun, TrainingWork
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ class EngineThread:
     Callers (any thread) submit with ``add`` and ``abort``; every step's outputs go to
     ``publish``, called on the engine thread (the asyncio facade forwards them to its loop).
     Long work that shares the device (training) comes in with ``add_background`` and runs in
-    units between steps, as ``background``'s policy decides (engine.background).
+    units between steps, as ``background``'s policy decides (engine.background); a training run
+    on ``model`` (the served model) with ``start_training``.
     """
 
     def __init__(
@@ -52,8 +56,10 @@ class EngineThread:
         core: EngineCore,
         publish: Callable[[list[RequestOutput]], None],
         background: Background | None = None,
+        model: CausalLM | None = None,
     ) -> None:
         self.core = core
+        self.model = model
         self.publish = publish
         self.background = background or Background()
         self._new: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
@@ -77,6 +83,22 @@ class EngineThread:
     def add_background(self, work: BackgroundWork) -> None:
         self.background.add(work)
         self._wake.set()
+
+    def start_training(
+        self, run: TrainingRun, report: Callable[[TrainingEvent], None]
+    ) -> Cancellable:
+        """Train on the served model in units between steps; ``report`` gets each event (on
+        this thread). The work returned cancels it."""
+        if self.model is None:
+            raise RuntimeError("this engine was started without a model to train")
+        work = TrainingWork(self.model, run, report)
+        self.add_background(work)
+        return work
+
+    @property
+    def stats(self) -> EngineStats:
+        """The core's latest published snapshot (safe to read from any thread)."""
+        return self.core.stats
 
     @property
     def alive(self) -> bool:

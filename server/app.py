@@ -104,7 +104,8 @@ def _load(state: ServerState) -> None:
     except ServerStopped:
         pass  # shut down while loading: nothing to report
     except Exception as e:
-        state.load_error = f"{type(e).__name__}: {e}"
+        kind = getattr(e, "kind", type(e).__name__)  # an engine process's error: its own kind
+        state.load_error = f"{kind}: {e}"
         log.debug("loading the model failed", exc_info=True)
         if state.on_load_failed is None:
             log.error("loading the model failed: %s", state.load_error)

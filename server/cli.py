@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-file-bytes", type=_bytes, default=env("MAX_FILE_BYTES", "512MiB"))
     srv.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env("ENGINE_PROCESS", "1")),
+        help="run the engine in a process of its own, beside the HTTP server's (default); "
+        "--no-engine-process steps it on a thread of the server's process",
+    )
+    srv.add_argument(
         "--tensor-parallel",
         type=int,
         default=env("TENSOR_PARALLEL", "1"),
@@ -234,6 +241,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CANDLEWICK_{name}") or default
 
 
+def _flag(text: str) -> bool:
+    """An on/off environment value: 0, false, no and off (any case) are off."""
+    return text.strip().lower() not in ("0", "false", "no", "off")
+
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -294,6 +306,7 @@ def run_serve(args: argparse.Namespace) -> int:
         fine_tuning_memory=args.fine_tuning_memory,
         fine_tuning_serve_steps=args.fine_tuning_serve_steps,
         max_file_bytes=args.max_file_bytes,
+        engine_process=args.engine_process,
         tensor_parallel=args.tensor_parallel,
         tensor_parallel_timeout=args.tensor_parallel_timeout,
     )

@@ -41,6 +41,7 @@ class ServerSettings:
     fine_tuning_memory: int | None = None  # bytes training may plan for (None: half what is left)
     fine_tuning_serve_steps: int = 4  # serving steps between training units while streams run
     max_file_bytes: int = 512 << 20  # one uploaded training file
+    engine_process: bool = True  # the engine in a process of its own (False: a thread here)
     tensor_parallel: int = 1  # ranks the model is sharded over (started on this machine)
     tensor_parallel_timeout: float = 30.0  # seconds a rank may stay silent before it is a fault
 

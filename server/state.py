@@ -6,23 +6,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
+from engine.assembly import assemble
 from engine.async_engine import AsyncEngine
-from engine.background import Background, InterleavePolicy
-from engine.config import ConfigError, EngineConfig
-from engine.core_group import CoreGroup, StepCore
-from engine.encoder_core import EncoderCore, EncodeRequest
+from engine.config import EngineConfig
 from engine.engine_core import EngineCore
+from engine.engine_process import EngineSpec
 from engine.loader.build import LoadedModel
 from engine.loader.encoder import LoadedEncoder
-from engine.loader.load import load_model
-from engine.request import EngineRequest
+from engine.loader.load import load_embedding_model, load_model
+from engine.memory import MemoryReading, available_memory
 from engine.stats import EngineStats
+from engine.training.lora import ProjectionShapes, projection_shapes
 from server.adapter_service import AdapterService
 from server.admission import Admission
 from server.embeddings import Embedder
@@ -71,9 +73,11 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        """Started, and the engine's warm-up is over: the first request meets no kernel
-        still to be built."""
-        return self.loaded and (self.engine is None or self.engine.warmed)
+        """Started, and the engine's warm-up is over (the first request meets no kernel still
+        to be built), and the engine still runs."""
+        if self.engine is None:
+            return self.loaded
+        return self.loaded and self.engine.warmed and self.engine.alive
 
     def snapshot(self) -> EngineStats:
         """The engine's latest published statistics (a frozen snapshot; any thread may read)."""
@@ -87,30 +91,57 @@ class ServerState:
         """Load the model and the embedding model beside it, if any (unless given), and start
         the engine, and wait for its warm-up; called once, off the loop.
 
-        Raises ``ServerStopped`` if ``stop`` came first: the engine thread is started only
-        under the lock ``stop`` takes, so either ``stop`` sees it and joins it or it never
-        starts."""
+        With ``--engine-process`` (the default) and nothing given, the engine loads the model
+        in a process of its own (engine.engine_process) and this one keeps only what serving
+        needs of it (tokenizer, config); otherwise it loads here and steps on a thread.
+
+        Raises ``ServerStopped`` if ``stop`` came first: the engine is started only under the
+        lock ``stop`` takes, so either ``stop`` sees it and stops it or it never starts."""
         s = self.settings
-        loaded = loaded or load_model(
-            s.model,
-            quantize=s.quantize_spec,
-            cpu_weights=s.cpu_weights,
-            cuda_weights=s.cuda_weights,
-            kv_cache_memory=s.kv_cache_memory,
-        )
-        if embedding is None and s.embedding_model is not None:
-            embedding = load_embedding_model(s.embedding_model, loaded, s.served_model_name)
-        with self._lifecycle:
-            if self.stopped:
-                raise ServerStopped("the server stopped while the model was loading")
-            if isinstance(loaded, LoadedEncoder):
-                self._start_embeddings_only(loaded)
-            else:
-                self._start_engine(loaded, embedding)
+        spec = self._engine_spec()
+        if loaded is None and s.engine_process and self.parallel is None:
+            engine = AsyncEngine(None, process=spec, on_exit=self._engine_ended)
+            info = engine.info
+            meta = info.loaded
+            meta = replace(meta, dtype=getattr(mx, info.dtype_name))
+            with self._lifecycle:
+                if self.stopped:
+                    engine.shutdown()
+                    raise ServerStopped("the server stopped while the model was loading")
+                self.engine = engine
+                if isinstance(meta, LoadedEncoder):
+                    self._serve_embeddings_only(meta)
+                else:
+                    machine = _Machine(info.num_blocks, info.shapes, info.available_memory)
+                    self._serve(meta, info.embedding, machine)
+        else:
+            loaded = loaded or load_model(
+                s.model,
+                quantize=s.quantize_spec,
+                cpu_weights=s.cpu_weights,
+                cuda_weights=s.cuda_weights,
+                kv_cache_memory=s.kv_cache_memory,
+            )
+            if embedding is None and s.embedding_model is not None:
+                embedding = load_embedding_model(s.embedding_model, loaded, s.served_model_name)
+            with self._lifecycle:
+                if self.stopped:
+                    raise ServerStopped("the server stopped while the model was loading")
+                make_core = EngineCore if self.parallel is None else self.parallel.make_core
+                core, background, num_blocks = assemble(loaded, embedding, spec, make_core)
+                if isinstance(loaded, LoadedEncoder):
+                    self.engine = AsyncEngine(core)
+                    self._serve_embeddings_only(loaded)
+                else:
+                    self.engine = AsyncEngine(core, background, loaded.model)
+                    # training runs on one rank only: a sharded model plans none
+                    shapes = projection_shapes(loaded.model) if self.parallel is None else {}
+                    available = available_memory(MemoryReading.now()).nbytes
+                    self._serve(loaded, embedding, _Machine(num_blocks, shapes, available))
         if self.engine is not None:  # outside the lock: stop() may come meanwhile
             self.engine.wait_warm()
 
-    def _start_engine(self, loaded: LoadedModel, embedding: LoadedEncoder | None = None) -> None:
+    def _engine_spec(self) -> EngineSpec:
         s = self.settings
         config = EngineConfig(
             max_num_seqs=s.max_num_seqs,
@@ -120,20 +151,35 @@ class ServerState:
             max_loras=s.max_loras,
             max_lora_rank=s.max_lora_rank,
         )
+        return EngineSpec(
+            model=s.model,
+            config=config,
+            quantize=s.quantize_spec,
+            cpu_weights=s.cpu_weights,
+            cuda_weights=s.cuda_weights,
+            embedding_model=s.embedding_model,
+            served_name=s.served_model_name,
+            embedding_batch_tokens=s.embedding_batch_tokens,
+            serve_steps=s.fine_tuning_serve_steps,
+        )
+
+    def _engine_ended(self, why: str) -> None:
+        """The engine process ended unasked: nothing can be served; the server exits."""
+        self.load_error = why
+        if self.on_load_failed is not None:
+            self.on_load_failed()
+
+    def _serve(
+        self, loaded: LoadedModel, embedding: LoadedEncoder | None, machine: _Machine
+    ) -> None:
+        """Everything the routes use, over the started engine."""
+        s = self.settings
         if s.max_loras > 0:
             store = AdapterStore(s.data_dir)
             self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
-        if self.parallel is not None:
-            core = self.parallel.make_core(loaded.model, config, loaded.dtype)
-        else:
-            core = EngineCore(loaded.model, config, loaded.dtype)
         self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
-        capacity = (core.num_blocks - 1) * config.block_size
+        capacity = (machine.num_blocks - 1) * self._engine_spec().config.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
-        encoder = self._encoder_core(embedding) if embedding is not None else None
-        cores = {EngineRequest: core} | ({EncodeRequest: encoder} if encoder else {})
-        policy = InterleavePolicy(serve_steps=s.fine_tuning_serve_steps)
-        self.engine = AsyncEngine(CoreGroup(cores) if encoder else core, Background(policy))
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         self.serving = Serving(
             engine=self.engine,
@@ -158,10 +204,13 @@ class ServerState:
         if self.registry is not None and self.parallel is None:  # training runs on one rank
             self.fine_tuning = start_fine_tuning(
                 s, self.engine, self.registry, loaded, self.serving.served_name, max_model_len,
-                self.metrics,
+                self.metrics, machine.shapes, loaded.dtype.size, machine.available,
             )  # fmt: skip
         log.info(
-            "serving %s (%d KV blocks, max length %d)", loaded.name, core.num_blocks, max_model_len
+            "serving %s (%d KV blocks, max length %d)",
+            loaded.name,
+            machine.num_blocks,
+            max_model_len,
         )
         shared = dict(engine=self.engine, metrics=self.metrics, admission=self.admission)
         if loaded.pooling is not None:
@@ -173,13 +222,9 @@ class ServerState:
             )
             self.serving.embedding_models = frozenset({embedding.name})
 
-    def _encoder_core(self, loaded: LoadedEncoder) -> StepCore:
-        return EncoderCore(loaded.model, loaded.pooling, self.settings.embedding_batch_tokens)
-
-    def _start_embeddings_only(self, loaded: LoadedEncoder) -> None:
+    def _serve_embeddings_only(self, loaded: LoadedEncoder) -> None:
         """An encoder as the model: embeddings only (the generation routes answer 400)."""
         s = self.settings
-        self.engine = AsyncEngine(self._encoder_core(loaded))
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         name = s.served_model_name or loaded.name
         shared = dict(engine=self.engine, metrics=self.metrics, admission=self.admission)
@@ -203,24 +248,14 @@ class ServerState:
             responses.close()
 
 
-def load_embedding_model(
-    path: str, beside: LoadedModel | LoadedEncoder, served_name: str | None = None
-) -> LoadedEncoder:
-    """The ``--embedding-model``: an encoder, served beside a generative model."""
-    if isinstance(beside, LoadedEncoder):
-        raise ConfigError(
-            f"--model {beside.name} is an embedding model already: --embedding-model serves an "
-            "encoder beside a chat model"
-        )
-    loaded = load_model(path)
-    if not isinstance(loaded, LoadedEncoder):
-        raise ConfigError(
-            f"--embedding-model {path} is not an encoder (BERT family); a decoder embedding "
-            "model is served with --model"
-        )
-    if loaded.name == (served_name or beside.name):
-        raise ConfigError(f"--model and --embedding-model are both named {loaded.name!r}")
-    return loaded
+@dataclass(frozen=True, slots=True)
+class _Machine:
+    """What the started engine has, wherever it runs: its KV blocks, the LoRA shapes training
+    plans for, the device memory left."""
+
+    num_blocks: int
+    shapes: ProjectionShapes
+    available: int
 
 
 class ServerStopped(RuntimeError):

@@ -113,3 +113,23 @@ def _load(path: str | Path | None, dtype: mx.Dtype | None, quantize: QuantSpec |
             quantize_float_modules(loaded.model, quantize)
         return loaded
     raise ModelNotFound(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+
+
+def load_embedding_model(
+    path: str, beside: LoadedModel | LoadedEncoder, served_name: str | None = None
+) -> LoadedEncoder:
+    """The ``--embedding-model``: an encoder, served beside a generative model."""
+    if isinstance(beside, LoadedEncoder):
+        raise ConfigError(
+            f"--model {beside.name} is an embedding model already: --embedding-model serves an "
+            "encoder beside a chat model"
+        )
+    loaded = load_model(path)
+    if not isinstance(loaded, LoadedEncoder):
+        raise ConfigError(
+            f"--embedding-model {path} is not an encoder (BERT family); a decoder embedding "
+            "model is served with --model"
+        )
+    if loaded.name == (served_name or beside.name):
+        raise ConfigError(f"--model and --embedding-model are both named {loaded.name!r}")
+    return loaded

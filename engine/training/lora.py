@@ -60,15 +60,32 @@ class TrainableLoRA(nn.Module):
         return y + delta.astype(y.dtype)
 
 
-def init_lora(model: CausalLM, spec: LoRASpec, seed: int) -> dict[tuple[int, str], LoRAWeights]:
+ProjectionShapes = dict[tuple[int, str], tuple[int, int]]
+"""(layer, projection path) -> (out_features, in_features), for every adaptable projection."""
+
+
+def projection_shapes(model: CausalLM) -> ProjectionShapes:
+    """The shapes LoRA weights for ``model`` must fit: what planning and checking a training
+    job needs of the model, without its weights (they may live in another process)."""
+    return {
+        (i, path): projection_shape(layer, path)
+        for i, layer in enumerate(model.model.layers)
+        for path in TARGETABLE
+        if _has_projection(layer, path)
+    }
+
+
+def init_lora(
+    shapes: ProjectionShapes, spec: LoRASpec, seed: int
+) -> dict[tuple[int, str], LoRAWeights]:
     """New weights as PEFT initializes them: A Kaiming-uniform (bound 1/sqrt(in_features)),
     B zeros, so the adapter starts as the base model. Drawn from ``seed`` alone, never from the
     process's random state (serving's key stream must not move)."""
     rng = np.random.default_rng(seed)
     modules = {}
-    for i, layer in enumerate(model.model.layers):
+    for i in range(num_layers(shapes)):
         for path in spec.target_modules:
-            out_f, in_f = projection_shape(layer, path)
+            out_f, in_f = shapes[(i, path)]
             bound = 1.0 / math.sqrt(in_f)
             a = rng.uniform(-bound, bound, (spec.rank, in_f)).astype(np.float32)
             b = np.zeros((out_f, spec.rank), np.float32)
@@ -76,19 +93,29 @@ def init_lora(model: CausalLM, spec: LoRASpec, seed: int) -> dict[tuple[int, str
     return modules
 
 
-def check_targets(model: CausalLM, modules: LoRAModules) -> list[str]:
-    """Problems with ``modules`` against ``model``: unknown paths, layers or shapes."""
+def check_targets(shapes: ProjectionShapes, modules: LoRAModules) -> list[str]:
+    """Problems with ``modules`` against the model's projections: unknown paths, layers or
+    shapes."""
     problems = []
     for (i, path), w in sorted(modules.items()):
-        if path not in TARGETABLE or not 0 <= i < len(model.model.layers):
+        if (i, path) not in shapes:
             problems.append(f"layer {i} has no projection {path!r} to adapt")
             continue
-        out_f, in_f = projection_shape(model.model.layers[i], path)
+        out_f, in_f = shapes[(i, path)]
         if w.a.shape[1] != in_f or w.b.shape[0] != out_f or w.a.shape[0] != w.b.shape[1]:
             problems.append(
                 f"layers.{i}.{path}: A {w.a.shape} and B {w.b.shape} do not fit [{out_f}, {in_f}]"
             )
     return problems
+
+
+def num_layers(shapes: ProjectionShapes) -> int:
+    return 1 + max((i for i, _ in shapes), default=-1)
+
+
+def _has_projection(layer: nn.Module, path: str) -> bool:
+    parent, name = path.split(".")
+    return hasattr(layer, parent) and hasattr(getattr(layer, parent), name)
 
 
 def base_projection(layer: nn.Module, path: str) -> nn.Module:

@@ -1,8 +1,9 @@
 """The thread that runs fine-tuning jobs: one at a time on the engine, the rest queued.
 
-It moves each job through its states, hands the engine a ``TrainingWork`` (which runs in units
-between serving steps, engine.background), and turns what the work reports into the job's
-events, checkpoints and, at the end, a registered adapter version: the next request naming
+It moves each job through its states, hands the engine each job's ``TrainingRun`` (run in units
+between serving steps, engine.background, in whichever process the engine runs), and turns
+what the work reports into the job's events, checkpoints and, at the end, a registered adapter
+version: the next request naming
 ``ft:<base>:<suffix>:<job id>`` is served by it, with no restart. Each checkpoint is registered
 too, as ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``, and servable at once; a job keeps its
 newest ``KEEP_CHECKPOINTS`` (older ones leave the list, the adapter registry and the disk), and
@@ -33,10 +34,11 @@ from adapters.peft_export import peft_files
 from adapters.registry import AdapterRegistry
 from adapters.safetensors_io import read_safetensors, write_safetensors
 from engine.async_engine import AsyncEngine
+from engine.background import Cancellable
 from engine.loader.build import LoadedModel
 from engine.lora.request import LoRAWeights
 from engine.training.data import Example
-from engine.training.lora import LoRASpec, init_lora
+from engine.training.lora import LoRASpec, ProjectionShapes, init_lora
 from engine.training.trainer import TrainingConfig
 from engine.training.work import (
     Checkpointed,
@@ -47,7 +49,6 @@ from engine.training.work import (
     Stopped,
     TrainingEvent,
     TrainingRun,
-    TrainingWork,
 )
 from server.fine_tuning.dataset import DatasetError, examples, parse_jsonl
 from server.fine_tuning.files import FileStore
@@ -75,11 +76,13 @@ class TrainingNumbers:
 class Base:
     """The served model jobs train: its id, a fingerprint of its shape, what limits examples."""
 
-    loaded: LoadedModel
+    loaded: LoadedModel  # its weights may be in the engine's process (``model`` None here)
     name: str
     fingerprint: str
     max_len: int
     max_rank: int
+    shapes: ProjectionShapes  # what LoRA weights for it must fit
+    dtype_size: int  # bytes of one element of its compute dtype
 
 
 class FineTuningManager:
@@ -98,7 +101,7 @@ class FineTuningManager:
         # Training and validation examples, tokenized at creation, used at start.
         self.prepared: dict[str, tuple[list[Example], list[Example]]] = {}
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._current: tuple[str, TrainingWork] | None = None
+        self._current: tuple[str, Cancellable] | None = None
         self._thread = threading.Thread(target=self._run, name="candlewick-fine-tuning")
 
     def start(self) -> None:
@@ -181,10 +184,9 @@ class FineTuningManager:
         except (DatasetError, OSError, ValueError) as e:
             self._fail(job.id, "invalid_training_file", str(e))
             return
-        work = TrainingWork(self.base.loaded.model, run, lambda ev: self._inbox.put((job.id, ev)))
-        self._current = (job.id, work)
         self.jobs.update(job.id, status="running")
-        self.engine.add_background(work)
+        work = self.engine.start_training(run, lambda ev: self._inbox.put((job.id, ev)))
+        self._current = (job.id, work)
 
     def _training_run(self, job: Job) -> TrainingRun:
         prepared = self.prepared.pop(job.id, None)
@@ -207,7 +209,7 @@ class FineTuningManager:
             ).modules
         else:
             spec = LoRASpec(lora["rank"], lora["alpha"], tuple(lora["target_modules"]))
-            initial = init_lora(self.base.loaded.model, spec, job.seed)
+            initial = init_lora(self.base.shapes, spec, job.seed)
         hp = job.hyperparameters
         config = TrainingConfig(
             learning_rate=job.learning_rate,

@@ -19,7 +19,7 @@ from typing import Any
 
 from adapters.format import AdapterError, parse_adapter
 from engine.training.data import Example
-from engine.training.lora import check_targets, projection_shape
+from engine.training.lora import check_targets
 from engine.training.memory import TrainingTooLarge, plan_memory
 from server.errors import BadRequest, NotFound, TooLarge
 from server.fine_tuning.dataset import DatasetError, examples, parse_jsonl
@@ -176,7 +176,7 @@ class FineTuningService:
                 batch_size,
                 max(len(e) for e in data + valid),
                 self.budget,
-                self.base.loaded.dtype.size,
+                self.base.dtype_size,
             )
         except TrainingTooLarge as e:
             problems.append(str(e))
@@ -210,7 +210,7 @@ class FineTuningService:
 
     def _lora(self, request: JobRequest, parent, problems: list[str]) -> tuple[dict, int]:
         """The adapter's shape in the job record, and its parameter count."""
-        model = self.base.loaded.model
+        shapes = self.base.shapes
         if parent is not None:
             try:
                 modules = parse_adapter(
@@ -223,7 +223,7 @@ class FineTuningService:
             except (AdapterError, OSError) as e:
                 problems.append(f"the adapter {parent.name!r} cannot be continued: {e}")
                 return {}, 0
-            problems += check_targets(model, modules)
+            problems += check_targets(shapes, modules)
             w = next(iter(modules.values()))
             lora = {
                 "rank": max(m.rank for m in modules.values()),
@@ -241,11 +241,9 @@ class FineTuningService:
             "target_modules": list(targets),
             "dropout": p.dropout or 0.0,
         }
-        num_params = 0
-        for layer in model.model.layers:
-            for path in targets:
-                out_f, in_f = projection_shape(layer, path)
-                num_params += rank * (in_f + out_f)
+        num_params = sum(
+            rank * (in_f + out_f) for (_, path), (out_f, in_f) in shapes.items() if path in targets
+        )
         return lora, num_params
 
 

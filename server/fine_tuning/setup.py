@@ -9,7 +9,7 @@ from pathlib import Path
 from adapters.registry import AdapterRegistry
 from engine.async_engine import AsyncEngine
 from engine.loader.build import LoadedModel
-from engine.memory import MemoryReading, available_memory
+from engine.training.lora import ProjectionShapes
 from server.fine_tuning.db import Database
 from server.fine_tuning.files import FileStore
 from server.fine_tuning.jobs import JobStore
@@ -32,17 +32,22 @@ def start_fine_tuning(
     served_name: str,
     max_model_len: int,
     metrics: ServerMetrics,
+    shapes: ProjectionShapes,
+    dtype_size: int,
+    available: int,
 ) -> FineTuningService:
+    """``shapes`` and ``dtype_size``: the served model's, as training plans for it; ``available``:
+    the bytes the device has left once the engine has started."""
     folder = Path(settings.data_dir) / "fine_tuning"
     db = Database(folder / "index.sqlite3")
     base = Base(loaded, served_name, fingerprint(loaded.config), max_model_len,
-                settings.max_lora_rank)  # fmt: skip
+                settings.max_lora_rank, shapes, dtype_size)  # fmt: skip
     manager = FineTuningManager(
         JobStore(db), FileStore(db, folder / "files"), folder, engine, registry, base
     )
     budget = settings.fine_tuning_memory
     if budget is None:
-        budget = int(available_memory(MemoryReading.now()).nbytes * TRAINING_SHARE)
+        budget = int(available * TRAINING_SHARE)
     metrics.registry.register(FineTuningCollector(manager))
     manager.start()
     return FineTuningService(manager, budget, settings.max_file_bytes)

@@ -18,7 +18,7 @@ from adapters.format import parse_adapter
 from engine.loader.hf import load_hf_model
 from engine.lora.request import LoRAWeights
 from engine.training.data import Example, RunPlan
-from engine.training.lora import LoRASpec, init_lora
+from engine.training.lora import LoRASpec, init_lora, projection_shapes
 from engine.training.trainer import Trainer, TrainingConfig
 from engine.training.validation import ValidationPlan
 from engine.training.work import Checkpointed, Finished, StepDone, TrainingRun, TrainingWork
@@ -65,7 +65,7 @@ def random_lora(model, spec: LoRASpec, seed: int) -> dict:
     return {
         key: LoRAWeights(a=w.a, b=(0.2 * rng.standard_normal(w.b.shape)).astype(np.float32),
                          scale=w.scale)
-        for key, w in init_lora(model, spec, seed).items()
+        for key, w in init_lora(projection_shapes(model), spec, seed).items()
     }  # fmt: skip
 
 
@@ -231,7 +231,7 @@ def test_resumed_run_ends_where_an_unbroken_one_does(base):
     data = examples(12)
     config = TrainingConfig(learning_rate=1e-2, n_epochs=3, batch_size=4, micro_batch_size=3,
                             dropout=0.1, seed=2)  # fmt: skip
-    initial = init_lora(model, spec, seed=1)
+    initial = init_lora(projection_shapes(model), spec, seed=1)
     whole = Trainer(model, data, initial, config)
     losses = [whole.train_step().loss for _ in range(whole.plan.total_steps)]
     first = Trainer(model, data, initial, config)

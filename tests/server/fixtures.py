@@ -87,7 +87,9 @@ def serving(app) -> Iterator[str]:
 @contextmanager
 def serving_tiny(folder: Path, name: str = "tiny", **settings) -> Iterator[tuple[str, ServerState]]:
     """The tiny model in ``folder`` served under ``name`` (started before the server, so the
-    first request finds it loaded); yields the base URL and the state."""
+    first request finds it loaded); yields the base URL and the state. The engine steps on a
+    thread of this process (tests look inside it) unless ``engine_process=True``."""
+    settings.setdefault("engine_process", False)
     config = ServerSettings(
         model=str(folder), data_dir=folder / "data", served_model_name=name, **settings
     )

@@ -102,6 +102,7 @@ def server(tmp_path_factory):
     settings = ServerSettings(
         model=str(folder), data_dir=folder / "data", served_model_name="tiny", num_blocks=256,
         max_num_seqs=4, max_queue=2, max_loras=1, max_lora_rank=8,
+        engine_process=False,  # the tests look inside the engine
     )  # fmt: skip
     state = ServerState(settings)
     state.start()

@@ -161,7 +161,9 @@ CHILD = textwrap.dedent(
         garbage.append(node)
 
     if which == "loader":  # a load that fails on the KV budget, as on a GPU before the fix
-        settings = ServerSettings(model=folder, data_dir=data, kv_cache_memory=64 << 10)
+        settings = ServerSettings(
+            model=folder, data_dir=data, kv_cache_memory=64 << 10, engine_process=False
+        )
         state = ServerState(settings)
         state.on_load_failed = linger  # called on the loader thread, as it ends
         thread = threading.Thread(target=_load, args=(state,))

@@ -24,7 +24,7 @@ def state(tmp_path_factory):
     folder = write_tiny_model(tmp_path_factory.mktemp("core") / "tiny")
     settings = ServerSettings(
         model=str(folder), data_dir=folder / "data", served_model_name="tiny", num_blocks=256,
-        max_num_seqs=4, max_queue=0,
+        max_num_seqs=4, max_queue=0, engine_process=False,  # the tests look inside the engine
     )  # fmt: skip
     state = ServerState(settings)
     state.start()
