@@ -75,6 +75,15 @@ def cpu_clock(pids: tuple[int, ...]) -> tuple[float, float, float]:
     return time.monotonic(), (sum(cpu) - cpu[3] - cpu[4]) / TICK, ours / TICK  # less idle, iowait
 
 
+def process_tree(pid: int) -> tuple[int, ...]:
+    """``pid`` and its descendants (a server's engine process is its child)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += process_tree(int(child))
+    return tuple(found)
+
+
 def others_cpu(before: tuple[float, float, float], pids: tuple[int, ...]) -> float:
     now, busy, ours = (b - a for a, b in zip(before, cpu_clock(pids), strict=True))
     share = max(0.0, busy - ours) / (now * (os.cpu_count() or 1))
@@ -159,7 +168,7 @@ def load(server: Server, model: str, streams: int, args: Args, extra: Extra, **o
     kw |= {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens} | over
     config = LoadConfig(url=server.url, model=model, concurrency=streams, **kw)
     with extra_body(extra):
-        start = cpu_clock(pids := (os.getpid(), server.pid))
+        start = cpu_clock(pids := (os.getpid(), *process_tree(server.pid)))
         report = asyncio.run(run_load(config))
     lengths = {r.output_tokens for r in report.results if r.error is None}
     if lengths - {config.max_tokens}:
