@@ -30,11 +30,13 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 WHEEL = "ngsolve-openblas==0.3.33.post1"  # the pin in pyproject.toml (a test checks they agree)
 MARKER = "CANDLEWICK_BLAS_PRELOADED"  # set in the re-executed process: never re-execute twice
+# Set in the re-executed process when the BLAS thread count is ours to choose (the user set none)
+DEFAULT_THREADS = "CANDLEWICK_BLAS_DEFAULT_THREADS"
 OFF = ("off", "none", "bundled")
 
 
@@ -178,7 +180,9 @@ def plan_preload(
         dirs.insert(0, str(alias_dir(candidate.aliases)))
     if dirs:
         env["LD_LIBRARY_PATH"] = ":".join([*dirs, *filter(None, [environ.get("LD_LIBRARY_PATH")])])
-    env.setdefault(candidate.threads_env, str(default_threads()))
+    if candidate.threads_env not in env:
+        env[candidate.threads_env] = str(default_threads())
+        env[DEFAULT_THREADS] = "1"
     return env
 
 
@@ -198,6 +202,35 @@ def reexec_with_blas() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def use_every_core(environ: Mapping[str, str] | None = None) -> int | None:
+    """Give the preloaded BLAS every usable core, where its thread count is ours to choose (the
+    user set none): for a process whose Python side has nothing to do while the BLAS runs, such
+    as an engine process that only embeds (the default keeps a core for the HTTP server's
+    tokens; embedding is all matmuls). The threads it now has, or None where nothing changed."""
+    environ = os.environ if environ is None else environ
+    report = current_report()
+    if not environ.get(DEFAULT_THREADS) or report is None or report.source == "bundled":
+        return None
+    threads = usable_cores()
+    if not set_threads(report.path, threads):
+        return None
+    global _report
+    _report = replace(report, threads=threads)
+    return threads
+
+
+def set_threads(path: str, threads: int) -> bool:
+    """Set the thread count of the BLAS loaded from ``path``; whether it has a way to."""
+    lib = ctypes.CDLL(path)  # already loaded: the same handle
+    if hasattr(lib, "openblas_set_num_threads"):
+        lib.openblas_set_num_threads(threads)
+        return True
+    if hasattr(lib, "MKL_Set_Num_Threads"):
+        lib.MKL_Set_Num_Threads(threads)
+        return True
+    return False
 
 
 def global_cblas() -> int | None:

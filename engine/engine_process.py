@@ -343,6 +343,9 @@ def _start(spec: EngineSpec, send: Callable[[tuple], None]):
     embedding = None
     if spec.embedding_model is not None:
         embedding = load_embedding_model(spec.embedding_model, loaded, spec.served_name)
+    if isinstance(loaded, LoadedEncoder) and (threads := cpu_blas.use_every_core()):
+        # embeddings only: the server's process has little to do while the encoder multiplies
+        log.info("embeddings only: the BLAS takes every core (%d threads)", threads)
     core, background, num_blocks = assemble(loaded, embedding, spec)
     publish = _publisher(core, send)
     is_decoder = isinstance(loaded, LoadedModel)

@@ -145,10 +145,10 @@ def test_the_preload_environment(tmp_path, monkeypatch):
         "LD_LIBRARY_PATH": "/opt/lib",
         "HOME": "/h",
     }
-    # The user's thread count stands.
-    assert (
-        plan_preload({"OPENBLAS_NUM_THREADS": "1"}, candidate, False)["OPENBLAS_NUM_THREADS"] == "1"
-    )
+    assert env[cpu_blas.DEFAULT_THREADS] == "1"  # the count is ours to change
+    # The user's thread count stands, and is theirs.
+    theirs = plan_preload({"OPENBLAS_NUM_THREADS": "1"}, candidate, False)
+    assert theirs["OPENBLAS_NUM_THREADS"] == "1" and cpu_blas.DEFAULT_THREADS not in theirs
 
 
 def test_no_preload_when_done_already_or_nothing_to_load(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from engine import cpu_blas
 from tests.server.fixtures import write_tiny_model
 from tests.server.test_admission import free_port
+from tests.server.test_embeddings_api import minilm_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,3 +164,31 @@ def test_candlewick_blas_naming_a_missing_file_is_an_error(tmp_path):
     assert out.stderr.strip() == (
         f"candlewick: error: CANDLEWICK_BLAS={tmp_path / 'libnothing.so'}: no such library file"
     )
+
+
+@linux
+@needs_blas
+@pytest.mark.parametrize("user_threads", [None, "1"])
+def test_an_embeddings_only_engine_takes_every_core_unless_the_user_said(tmp_path, user_threads):
+    """An encoder served alone: its engine process gives the BLAS every core (the server's
+    process has little to do meanwhile), unless the user set the thread count."""
+    folder = minilm_folder()
+    extra = {FOUND.threads_env: user_threads} if user_threads else {}
+    env, _ = cli_env(tmp_path, **extra)
+    port = free_port()
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder)]
+    argv += ["--port", str(port), "--data-dir", str(tmp_path / "data")]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+        body = {"model": folder.name, "input": ["a few words", "and a few more"]}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    line = f"embeddings only: the BLAS takes every core ({cpu_blas.usable_cores()} threads)"
+    assert (line in output) == (user_threads is None), output
