@@ -23,6 +23,7 @@ ends every open stream with an error and tells ``on_exit``: the server then says
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -123,7 +124,9 @@ class EngineProcess:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._ended: str | None = None  # why the process ended, once it has
-        self._reader = threading.Thread(target=self._read, name="candlewick-engine-reader")
+        self._reader = threading.Thread(
+            target=self._read, name="candlewick-engine-reader", daemon=True
+        )
 
     # -- starting and stopping ------------------------------------------------------------------
 
@@ -145,11 +148,17 @@ class EngineProcess:
             raise EngineStartError(text, kind)
         self.info = message[1]
         self._reader.start()
+        # An interpreter that exits without ``stop`` (a script, a test that forgot) stops the
+        # engine first: multiprocessing's own exit handler would wait for it forever.
+        atexit.register(self.stop)
 
     def stop(self, timeout: float | None = STOP_TIMEOUT) -> bool:
         """Ask the engine to end after its current step and wait for the process; one that
         does not end in ``timeout`` is killed. True once it has ended."""
+        if self._stopping.is_set():
+            return not self._process.is_alive()
         self._stopping.set()
+        atexit.unregister(self.stop)
         if self._process.pid is None:
             return True
         with contextlib.suppress(OSError):  # already gone

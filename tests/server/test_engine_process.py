@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -24,6 +27,7 @@ from tests.server.fixtures import serving_tiny, write_tiny_model
 pytest.importorskip("torch")
 
 MODEL = "tiny"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +172,28 @@ def test_an_engine_process_that_dies_ends_its_streams_and_the_server(folder):
         assert health.status_code == 503 and "exit code -9" in health.json()["error"]
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=30)
         assert r.status_code >= 500 or "error" in r.json()
+
+
+FORGETFUL = """
+import sys
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine_process import EngineSpec
+spec = EngineSpec(model=sys.argv[1], config=EngineConfig(num_blocks=16, max_loras=0))
+engine = AsyncEngine(None, process=spec)
+assert engine.wait_warm(60)
+print(engine._thread._process.pid, flush=True)
+"""
+
+
+def test_an_interpreter_that_forgets_to_stop_the_engine_still_exits(folder):
+    """No ``shutdown``: the exit stops the engine process (multiprocessing's own exit handler
+    would otherwise wait forever for a process that ignores SIGTERM)."""
+    argv = [sys.executable, "-c", FORGETFUL, str(folder)]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists(), "the engine process outlived its server"
