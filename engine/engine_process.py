@@ -46,7 +46,7 @@ from engine.loader.quantize import QuantSpec
 from engine.outputs import RequestOutput
 from engine.stats import EngineStats
 from engine.training.lora import ProjectionShapes
-from engine.training.work import TrainingEvent, TrainingRun
+from engine.training.work import Failed, Finished, Stopped, TrainingEvent, TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class EngineProcess:
 
     def abort(self, request_id: str) -> None:
         if self._ended is None:
-            self._send(("abort", request_id))
+            with contextlib.suppress(OSError):  # the process is gone: nothing runs to abort
+                self._send(("abort", request_id))
 
     def start_training(
         self, run: TrainingRun, report: Callable[[TrainingEvent], None]
@@ -225,9 +226,13 @@ class EngineProcess:
                 elif kind == "warmed":
                     self.warmed.set()
                 elif kind == "train":
-                    report = self._training.get(message[1])
+                    _, token, event = message
+                    if isinstance(event, (Finished, Failed, Stopped)):
+                        report = self._training.pop(token, None)
+                    else:
+                        report = self._training.get(token)
                     if report is not None:
-                        report(message[2])
+                        report(event)
                 elif kind == "stopped":
                     self._stopped.set()
                     return
@@ -244,6 +249,9 @@ class EngineProcess:
         open_ids, self._open = list(self._open), set()
         if open_ids:
             self.publish([_ended_output(rid, self._ended) for rid in open_ids])
+        training, self._training = list(self._training.values()), {}
+        for report in training:  # a run that was under way failed with its process
+            report(Failed(self._ended))
         if self.on_exit is not None:
             self.on_exit(self._ended)
 
@@ -308,6 +316,9 @@ def _engine_main(conn, spec: EngineSpec) -> None:
             except (EOFError, OSError):
                 log.warning("the server's end of the engine pipe closed; stopping")
                 break
+            except Exception:  # a message that does not unpickle here: it alone is lost
+                log.exception("a message from the server could not be read")
+                continue
             kind = message[0]
             if kind == "add":
                 _add(engine, message[1], message[2], send)
@@ -315,10 +326,10 @@ def _engine_main(conn, spec: EngineSpec) -> None:
                 engine.abort(message[1])
             elif kind == "train":
                 token = message[1]
-                report = _reporter(token, send)
+                report = _reporter(token, send, training)
                 training[token] = engine.start_training(message[2], report)
             elif kind == "cancel":
-                if (work := training.get(message[1])) is not None:
+                if (work := training.pop(message[1], None)) is not None:
                     work.cancel()
             elif kind == "stop":
                 break
@@ -409,8 +420,12 @@ def _add(engine, request_id: str, payload: bytes, send: Callable[[tuple], None])
     engine.add(request)
 
 
-def _reporter(token: int, send: Callable[[tuple], None]) -> Callable[[TrainingEvent], None]:
+def _reporter(
+    token: int, send: Callable[[tuple], None], runs: dict[int, Any]
+) -> Callable[[TrainingEvent], None]:
     def report(event: TrainingEvent) -> None:
+        if isinstance(event, (Finished, Failed, Stopped)):
+            runs.pop(token, None)  # over: its work (and its trainer's state) can go
         send(("train", token, event))
 
     return report

@@ -360,3 +360,15 @@ def test_restart_resumes_from_the_checkpoint_and_ends_as_an_unbroken_job(model_d
     with server(model_dir, data) as (client, _):  # a finished adapter survives restarts
         assert answer(client, job.fine_tuned_model) == answer(client, job.fine_tuned_model)
         assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+
+
+def test_a_job_fails_with_the_engine_process_that_dies_under_it(model_dir, tmp_path):
+    with server(model_dir, tmp_path / "data") as (client, state):
+        f = client.files.create(file=("t.jsonl", training_file()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=f.id, hyperparameters={"n_epochs": 50, "batch_size": 8}
+        )
+        wait(client, job.id, lambda j: losses(client, j.id))
+        state.engine._thread._process.kill()
+        failed = wait(client, job.id, lambda j: j.status == "failed")
+        assert "the engine process ended (exit code -9)" in failed.error.message
