@@ -7,6 +7,7 @@ kernel replaces this module's function and nothing else.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 Mask = mx.array | str | None
 
@@ -75,6 +76,8 @@ def prefill_attention(
     """
     n = q.shape[2]
     if not stable_shapes:
+        if q.dtype == mx.float32 and mx.default_device() == mx.cpu:
+            return cpu_prefill_attention(q, k, v, offset=offset, window=window, scale=scale)
         return attention(q, k, v, scale=scale, mask=attention_mask(n, offset, window))
     q_len = shape_bucket(n)
     if offset == 0 and (window is None or q_len <= window):
@@ -88,3 +91,36 @@ def prefill_attention(
             mask = mask & (q_pos - k_pos < window)
     out = attention(_pad_to(q, q_len), _pad_to(k, k_len), _pad_to(v, k_len), scale=scale, mask=mask)
     return out[:, :, :n]
+
+
+def cpu_prefill_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, offset: int, window: int | None, scale: float
+) -> mx.array:
+    """``prefill_attention``'s contract on the CPU, in float32, with the softmax in NumPy.
+
+    MLX's CPU ``exp`` is a scalar loop (~16 ns an element on a 2-core EPYC); NumPy's is
+    vectorized (~3 ns), and a prefill chunk's softmax is its attention's largest cost: a
+    512-query chunk against 790 keys took 70 ms a layer through MLX's fused call against 28 ms
+    here (docs/benchmarks.md). The scores are evaluated here (the engine's step waits for them,
+    as the CPU's ``async_eval`` nearly does anyway) and read in place; the probabilities go back
+    to MLX for the product with the values. Serving only: nothing here is differentiable.
+
+    q [1, H, n, D] at positions ``offset ..``; k, v [1, Hkv, offset + n, D] -> [1, H, n, D].
+    """
+    _, H, n, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    gqa = H // Hkv
+    folded = (q * mx.array(scale, q.dtype)).reshape(1, Hkv, gqa * n, D)
+    scores = folded @ k.swapaxes(-1, -2)  # [1, Hkv, gqa * n, L]
+    mx.eval(scores)
+    q_pos = np.arange(offset, offset + n)[:, None]
+    k_pos = np.arange(L)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= q_pos - k_pos < window
+    probs = np.where(visible, np.asarray(scores).reshape(Hkv, gqa, n, L), np.float32(-np.inf))
+    probs -= probs.max(axis=-1, keepdims=True)  # every row sees its own position: finite
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = mx.array(probs.reshape(1, Hkv, gqa * n, L)) @ v  # [1, Hkv, gqa * n, D]
+    return out.reshape(1, H, n, D)

@@ -7,7 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.models.attention import prefill_attention, shape_bucket
+from engine.models.attention import (
+    attention,
+    attention_mask,
+    cpu_prefill_attention,
+    prefill_attention,
+    shape_bucket,
+)
 
 H, HKV, D = 4, 2, 16
 
@@ -52,3 +58,36 @@ def test_padded_equals_exact(n, offset, window):
     padded = prefill_attention(q, k, v, stable_shapes=True, **kw)
     assert padded.shape == exact.shape == (1, H, n, D)
     np.testing.assert_allclose(np.array(padded), np.array(exact), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "offset", "window"), CASES)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)])
+def test_the_cpu_softmax_in_numpy_equals_mlx_fused_attention(n, offset, window, heads):
+    """On the CPU, serving's prefill takes its softmax through NumPy (MLX's CPU exp is scalar):
+    the same numbers as MLX's fused call, for first chunks, continuations, windows, GQA."""
+    h, hkv = heads
+    rng = np.random.default_rng(n * 7 + offset + h)
+    q = mx.array(rng.standard_normal((1, h, n, D)), dtype=mx.float32)
+    k, v = (mx.array(rng.standard_normal((1, hkv, offset + n, D)), dtype=mx.float32) for _ in "kv")
+    with mx.stream(mx.cpu):
+        got = cpu_prefill_attention(q, k, v, offset=offset, window=window, scale=D**-0.5)
+        want = attention(q, k, v, scale=D**-0.5, mask=attention_mask(n, offset, window))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_serving_prefill_takes_the_numpy_softmax_on_the_cpu_in_float32_only(monkeypatch):
+    import engine.models.attention as attention_module
+
+    calls = []
+    real = attention_module.cpu_prefill_attention
+    monkeypatch.setattr(
+        attention_module,
+        "cpu_prefill_attention",
+        lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw),
+    )
+    for dtype in (mx.float32, mx.float16):
+        q = mx.zeros((1, H, 5, D), dtype=dtype)
+        kv = mx.zeros((1, HKV, 5, D), dtype=dtype)
+        mx.eval(prefill_attention(q, kv, kv, offset=0, window=None, scale=1.0, stable_shapes=False))
+    on_cpu = mx.default_device() == mx.cpu
+    assert calls == ([mx.float32] if on_cpu else [])
