@@ -96,31 +96,45 @@ def prefill_attention(
 def cpu_prefill_attention(
     q: mx.array, k: mx.array, v: mx.array, *, offset: int, window: int | None, scale: float
 ) -> mx.array:
-    """``prefill_attention``'s contract on the CPU, in float32, with the softmax in NumPy.
-
-    MLX's CPU ``exp`` is a scalar loop (~16 ns an element on a 2-core EPYC); NumPy's is
-    vectorized (~3 ns), and a prefill chunk's softmax is its attention's largest cost: a
-    512-query chunk against 790 keys took 70 ms a layer through MLX's fused call against 28 ms
-    here (docs/benchmarks.md). The scores are evaluated here (the engine's step waits for them,
-    as the CPU's ``async_eval`` nearly does anyway) and read in place; the probabilities go back
-    to MLX for the product with the values. Serving only: nothing here is differentiable.
-
-    q [1, H, n, D] at positions ``offset ..``; k, v [1, Hkv, offset + n, D] -> [1, H, n, D].
-    """
-    _, H, n, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    gqa = H // Hkv
-    folded = (q * mx.array(scale, q.dtype)).reshape(1, Hkv, gqa * n, D)
-    scores = folded @ k.swapaxes(-1, -2)  # [1, Hkv, gqa * n, L]
-    mx.eval(scores)
+    """``prefill_attention``'s contract on the CPU, in float32, with the softmax in NumPy
+    (``cpu_attention``). q [1, H, n, D] at positions ``offset ..``; k, v [1, Hkv, offset + n,
+    D] -> [1, H, n, D]."""
+    n, L = q.shape[2], k.shape[2]
     q_pos = np.arange(offset, offset + n)[:, None]
     k_pos = np.arange(L)[None, :]
     visible = k_pos <= q_pos
     if window is not None:
         visible &= q_pos - k_pos < window
-    probs = np.where(visible, np.asarray(scores).reshape(Hkv, gqa, n, L), np.float32(-np.inf))
-    probs -= probs.max(axis=-1, keepdims=True)  # every row sees its own position: finite
-    np.exp(probs, out=probs)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    out = mx.array(probs.reshape(1, Hkv, gqa * n, L)) @ v  # [1, Hkv, gqa * n, D]
-    return out.reshape(1, H, n, D)
+    return cpu_attention(q, k, v, scale=scale, visible=visible)
+
+
+def cpu_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, visible: np.ndarray
+) -> mx.array:
+    """softmax(q·kᵀ·scale) over the ``visible`` keys, times v, on the CPU in float32, with the
+    softmax in NumPy.
+
+    MLX's CPU ``exp`` is a scalar loop (~16 ns an element on a 2-core EPYC); NumPy's is
+    vectorized (~3 ns), and a prefill chunk's or an encoder batch's softmax is its attention's
+    largest cost: a 512-query chunk against 790 keys took 70 ms a layer through MLX's fused call
+    against 28 ms here (docs/benchmarks.md). The scores are evaluated here (the engine's step
+    waits for them, as the CPU's ``async_eval`` nearly does anyway) and read in place; the
+    probabilities go back to MLX for the product with the values. Serving only: nothing here
+    is differentiable.
+
+    q [B, H, S, D]; k, v [B, Hkv, L, D]; ``visible`` a bool array that broadcasts to [B, Hkv,
+    H // Hkv, S, L] -> [B, H, S, D]. A row with no visible key comes out NaN (as from MLX).
+    """
+    B, H, S, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    gqa = H // Hkv
+    folded = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, gqa * S, D)
+    scores = folded @ k.swapaxes(-1, -2)  # [B, Hkv, gqa * S, L]
+    mx.eval(scores)
+    probs = np.where(visible, np.asarray(scores).reshape(B, Hkv, gqa, S, L), np.float32(-np.inf))
+    with np.errstate(invalid="ignore"):  # only rows with nothing visible: NaN, as from MLX
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    out = mx.array(probs.reshape(B, Hkv, gqa * S, L)) @ v  # [B, Hkv, gqa * S, D]
+    return out.reshape(B, H, S, D)

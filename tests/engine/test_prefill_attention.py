@@ -10,6 +10,7 @@ import pytest
 from engine.models.attention import (
     attention,
     attention_mask,
+    cpu_attention,
     cpu_prefill_attention,
     prefill_attention,
     shape_bucket,
@@ -91,3 +92,15 @@ def test_serving_prefill_takes_the_numpy_softmax_on_the_cpu_in_float32_only(monk
         mx.eval(prefill_attention(q, kv, kv, offset=0, window=None, scale=1.0, stable_shapes=False))
     on_cpu = mx.default_device() == mx.cpu
     assert calls == ([mx.float32] if on_cpu else [])
+
+
+def test_the_cpu_softmax_with_a_key_mask_equals_mlx_fused_attention():
+    """An encoder batch: sequences padded to one length, each query seeing its sequence's keys."""
+    rng = np.random.default_rng(5)
+    q, k, v = (mx.array(rng.standard_normal((3, H, 9, D)), dtype=mx.float32) for _ in "qkv")
+    lengths = np.array([9, 4, 1])
+    key_mask = np.arange(9)[None, :] < lengths[:, None]  # [B, L]
+    with mx.stream(mx.cpu):
+        got = cpu_attention(q, k, v, scale=0.3, visible=key_mask.reshape(3, 1, 1, 1, 9))
+        want = attention(q, k, v, scale=0.3, mask=mx.array(key_mask[:, None, None, :]))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
