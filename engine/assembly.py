@@ -16,6 +16,7 @@ from engine.encoder_core import EncoderCore, EncodeRequest
 from engine.engine_core import EngineCore
 from engine.loader.build import LoadedModel
 from engine.loader.encoder import LoadedEncoder
+from engine.loader.load import load_embedding_model, load_model
 from engine.models.base import CausalLM
 from engine.request import EngineRequest
 
@@ -23,6 +24,23 @@ if TYPE_CHECKING:
     from engine.engine_process import EngineSpec
 
 MakeCore = Callable[[CausalLM, EngineConfig, mx.Dtype], EngineCore]
+
+
+def load_models(
+    spec: EngineSpec, embedding: LoadedEncoder | None = None
+) -> tuple[LoadedModel | LoadedEncoder, LoadedEncoder | None]:
+    """The model the spec names, and the encoder beside it if one is served (``embedding``, when
+    already loaded)."""
+    loaded = load_model(
+        spec.model,
+        quantize=spec.quantize,
+        cpu_weights=spec.cpu_weights,
+        cuda_weights=spec.cuda_weights,
+        kv_cache_memory=spec.config.kv_cache_memory,
+    )
+    if embedding is None and spec.embedding_model is not None:
+        embedding = load_embedding_model(spec.embedding_model, loaded, spec.served_name)
+    return loaded, embedding
 
 
 def assemble(

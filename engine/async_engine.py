@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from engine.background import Background, BackgroundWork, Cancellable
+from engine.background import Background, Cancellable
 from engine.encoder_core import EncodeRequest
 from engine.engine_core import EngineCore
 from engine.engine_process import EngineInfo, EngineProcess, EngineSpec
@@ -106,13 +106,6 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
-
-    def add_background(self, work: BackgroundWork) -> None:
-        """Run ``work`` on the engine thread in units between steps (engine.background); an
-        engine on a thread here only."""
-        if isinstance(self._thread, EngineProcess):
-            raise TypeError("work objects cannot be sent to an engine in another process")
-        self._thread.add_background(work)
 
     def start_training(
         self, run: TrainingRun, report: Callable[[TrainingEvent], None]

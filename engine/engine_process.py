@@ -77,7 +77,6 @@ class EngineInfo:
 
     loaded: LoadedModel | LoadedEncoder  # ``model`` is None: the weights stay there
     dtype_name: str  # the compute dtype's name in mlx.core ("bfloat16")
-    dtype_size: int
     embedding: LoadedEncoder | None
     num_blocks: int
     shapes: ProjectionShapes | None
@@ -108,7 +107,7 @@ class EngineProcess:
         publish: Callable[[list[RequestOutput]], None],
         on_exit: Callable[[str], None] | None = None,
     ) -> None:
-        self.spec, self.publish, self.on_exit = spec, publish, on_exit
+        self.publish, self.on_exit = publish, on_exit
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
         self.warmed = threading.Event()
@@ -122,7 +121,6 @@ class EngineProcess:
         self._training: dict[int, Callable[[TrainingEvent], None]] = {}
         self._next_token = 0
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
         self._ended: str | None = None  # why the process ended, once it has
         self._reader = threading.Thread(
             target=self._read, name="candlewick-engine-reader", daemon=True
@@ -175,10 +173,6 @@ class EngineProcess:
     @property
     def alive(self) -> bool:
         return self._process.is_alive() and self._ended is None
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._process.exitcode
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -234,7 +228,6 @@ class EngineProcess:
                     if report is not None:
                         report(event)
                 elif kind == "stopped":
-                    self._stopped.set()
                     return
         except (EOFError, OSError):
             pass
@@ -342,27 +335,15 @@ def _engine_main(conn, spec: EngineSpec) -> None:
 
 def _start(spec: EngineSpec, send: Callable[[tuple], None]):
     """Load the model and build the engine thread (not started); the info the server needs."""
-    import mlx.core as mx
-
     from engine import cpu_blas
-    from engine.assembly import assemble
+    from engine.assembly import assemble, load_models
     from engine.engine_thread import EngineThread, release_thread_state
-    from engine.loader.load import load_embedding_model, load_model
     from engine.memory import MemoryReading, available_memory
     from engine.structured.grammar import accept_constraints
     from engine.training.lora import projection_shapes
 
     cpu_blas.check()
-    loaded = load_model(
-        spec.model,
-        quantize=spec.quantize,
-        cpu_weights=spec.cpu_weights,
-        cuda_weights=spec.cuda_weights,
-        kv_cache_memory=spec.config.kv_cache_memory,
-    )
-    embedding = None
-    if spec.embedding_model is not None:
-        embedding = load_embedding_model(spec.embedding_model, loaded, spec.served_name)
+    loaded, embedding = load_models(spec)
     if isinstance(loaded, LoadedEncoder) and (threads := cpu_blas.use_every_core()):
         # embeddings only: the server's process has little to do while the encoder multiplies
         log.info("embeddings only: the BLAS takes every core (%d threads)", threads)
@@ -374,13 +355,11 @@ def _start(spec: EngineSpec, send: Callable[[tuple], None]):
     info = EngineInfo(
         loaded=replace(loaded, model=None, dtype=None),
         dtype_name=str(loaded.dtype).split(".")[-1],
-        dtype_size=loaded.dtype.size,
         embedding=replace(embedding, model=None) if embedding is not None else None,
         num_blocks=num_blocks,
         shapes=projection_shapes(loaded.model) if is_decoder else None,
         available_memory=available_memory(MemoryReading.now()).nbytes,
     )
-    mx.synchronize()
     release_thread_state()  # this thread loaded; the engine thread runs everything from here
     return engine, info
 

@@ -14,14 +14,14 @@ import mlx.core as mx
 
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
-from engine.assembly import assemble
+from engine.assembly import assemble, load_models
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.engine_process import EngineSpec
 from engine.loader.build import LoadedModel
 from engine.loader.encoder import LoadedEncoder
-from engine.loader.load import load_embedding_model, load_model
+from engine.loader.load import load_embedding_model
 from engine.memory import MemoryReading, available_memory
 from engine.stats import EngineStats
 from engine.training.lora import ProjectionShapes, projection_shapes
@@ -102,8 +102,7 @@ class ServerState:
         if loaded is None and s.engine_process and self.parallel is None:
             engine = AsyncEngine(None, process=spec, on_exit=self._engine_ended)
             info = engine.info
-            meta = info.loaded
-            meta = replace(meta, dtype=getattr(mx, info.dtype_name))
+            meta = replace(info.loaded, dtype=getattr(mx, info.dtype_name))
             with self._lifecycle:
                 if self.stopped:
                     engine.shutdown()
@@ -112,17 +111,14 @@ class ServerState:
                 if isinstance(meta, LoadedEncoder):
                     self._serve_embeddings_only(meta)
                 else:
-                    machine = _Machine(info.num_blocks, info.shapes, info.available_memory)
+                    machine = _Machine(
+                        info.num_blocks, spec.config.block_size, info.shapes, info.available_memory
+                    )
                     self._serve(meta, info.embedding, machine)
         else:
-            loaded = loaded or load_model(
-                s.model,
-                quantize=s.quantize_spec,
-                cpu_weights=s.cpu_weights,
-                cuda_weights=s.cuda_weights,
-                kv_cache_memory=s.kv_cache_memory,
-            )
-            if embedding is None and s.embedding_model is not None:
+            if loaded is None:
+                loaded, embedding = load_models(spec, embedding)
+            elif embedding is None and s.embedding_model is not None:
                 embedding = load_embedding_model(s.embedding_model, loaded, s.served_model_name)
             with self._lifecycle:
                 if self.stopped:
@@ -137,7 +133,8 @@ class ServerState:
                     # training runs on one rank only: a sharded model plans none
                     shapes = projection_shapes(loaded.model) if self.parallel is None else {}
                     available = available_memory(MemoryReading.now()).nbytes
-                    self._serve(loaded, embedding, _Machine(num_blocks, shapes, available))
+                    machine = _Machine(num_blocks, spec.config.block_size, shapes, available)
+                    self._serve(loaded, embedding, machine)
         if self.engine is not None:  # outside the lock: stop() may come meanwhile
             self.engine.wait_warm()
 
@@ -178,7 +175,7 @@ class ServerState:
             store = AdapterStore(s.data_dir)
             self.registry = AdapterRegistry(store, max_adapters=s.max_adapters)
         self.responses = ResponsesStore(Path(s.data_dir), s.responses_max_stored)
-        capacity = (machine.num_blocks - 1) * self._engine_spec().config.block_size
+        capacity = (machine.num_blocks - 1) * machine.block_size
         max_model_len = min(loaded.config.max_position_embeddings, capacity)
         self.admission = Admission(s.max_num_seqs, s.max_queue)
         self.serving = Serving(
@@ -250,10 +247,11 @@ class ServerState:
 
 @dataclass(frozen=True, slots=True)
 class _Machine:
-    """What the started engine has, wherever it runs: its KV blocks, the LoRA shapes training
-    plans for, the device memory left."""
+    """What the started engine has, wherever it runs: its KV blocks (and their size), the LoRA
+    shapes training plans for, the device memory left."""
 
     num_blocks: int
+    block_size: int
     shapes: ProjectionShapes
     available: int
 

@@ -6,6 +6,8 @@ kernel replaces this module's function and nothing else.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 
@@ -76,7 +78,7 @@ def prefill_attention(
     """
     n = q.shape[2]
     if not stable_shapes:
-        if q.dtype == mx.float32 and mx.default_device() == mx.cpu:
+        if numpy_softmax_pays(q):
             return cpu_prefill_attention(q, k, v, offset=offset, window=window, scale=scale)
         return attention(q, k, v, scale=scale, mask=attention_mask(n, offset, window))
     q_len = shape_bucket(n)
@@ -99,13 +101,27 @@ def cpu_prefill_attention(
     """``prefill_attention``'s contract on the CPU, in float32, with the softmax in NumPy
     (``cpu_attention``). q [1, H, n, D] at positions ``offset ..``; k, v [1, Hkv, offset + n,
     D] -> [1, H, n, D]."""
-    n, L = q.shape[2], k.shape[2]
+    visible = _causal_visible(offset, q.shape[2], k.shape[2], window)
+    return cpu_attention(q, k, v, scale=scale, visible=visible)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_visible(offset: int, n: int, length: int, window: int | None) -> np.ndarray:
+    """[n, length]: which keys each query at ``offset ..`` sees (built once for every layer of
+    a chunk; read-only)."""
     q_pos = np.arange(offset, offset + n)[:, None]
-    k_pos = np.arange(L)[None, :]
+    k_pos = np.arange(length)[None, :]
     visible = k_pos <= q_pos
     if window is not None:
         visible &= q_pos - k_pos < window
-    return cpu_attention(q, k, v, scale=scale, visible=visible)
+    visible.setflags(write=False)
+    return visible
+
+
+def numpy_softmax_pays(q: mx.array) -> bool:
+    """Whether serving's attention for ``q`` takes its softmax through NumPy
+    (``cpu_attention``): on the CPU, in float32."""
+    return q.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
 def cpu_attention(

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.config import ConfigError
 from engine.models.activations import odd_rational
-from engine.models.attention import attention, cpu_attention
+from engine.models.attention import attention, cpu_attention, numpy_softmax_pays
 
 # erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (±1 beyond, in float32): a minimax rational approximation
 # (the one Eigen and XLA use for float32 erf), within 5e-7 of erf everywhere.
@@ -184,7 +184,7 @@ class _Attention(nn.Module):
             return t[batch.gather].reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
         q, k, v = (grouped(p(x)) for p in (self.self.query, self.self.key, self.self.value))
-        if q.dtype == mx.float32 and mx.default_device() == mx.cpu:  # see cpu_attention
+        if numpy_softmax_pays(q):
             visible = np.asarray(batch.key_mask).reshape(B, 1, 1, 1, L)
             out = cpu_attention(q, k, v, scale=D**-0.5, visible=visible)
         else:

@@ -312,13 +312,19 @@ def test_a_job_that_cannot_fit_memory_is_refused(model_dir, tmp_path):
         assert client.fine_tuning.jobs.list().data == []
 
 
+def long_job_under_way(client: openai.OpenAI):
+    """A job of 50 epochs, once its first losses are in."""
+    f = client.files.create(file=("t.jsonl", training_file()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=f.id, hyperparameters={"n_epochs": 50, "batch_size": 8}
+    )
+    wait(client, job.id, lambda j: losses(client, j.id))
+    return job
+
+
 def test_cancel_mid_job(model_dir, tmp_path):
     with server(model_dir, tmp_path / "data") as (client, state):
-        f = client.files.create(file=("t.jsonl", training_file()), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=f.id, hyperparameters={"n_epochs": 50, "batch_size": 8}
-        )
-        wait(client, job.id, lambda j: losses(client, j.id))
+        job = long_job_under_way(client)
         cancelled = client.fine_tuning.jobs.cancel(job.id)
         assert cancelled.status == "cancelled"
         manager = state.fine_tuning.manager
@@ -364,11 +370,7 @@ def test_restart_resumes_from_the_checkpoint_and_ends_as_an_unbroken_job(model_d
 
 def test_a_job_fails_with_the_engine_process_that_dies_under_it(model_dir, tmp_path):
     with server(model_dir, tmp_path / "data") as (client, state):
-        f = client.files.create(file=("t.jsonl", training_file()), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=f.id, hyperparameters={"n_epochs": 50, "batch_size": 8}
-        )
-        wait(client, job.id, lambda j: losses(client, j.id))
+        job = long_job_under_way(client)
         state.engine._thread._process.kill()
         failed = wait(client, job.id, lambda j: j.status == "failed")
         assert "the engine process ended (exit code -9)" in failed.error.message
