@@ -154,10 +154,9 @@ def usable_cores() -> int:
 
 
 def default_threads() -> int:
-    """BLAS threads when the user set none: every usable core but one, which stays with the
-    Python thread (HTTP, tokenizing, detokenizing) while the BLAS runs on MLX's stream thread
-    and its own workers. On 2 cores that is 1: OpenBLAS with 2 threads there served 2.1 tok/s
-    against 15.9 with 1 (docs/benchmarks.md): its workers spin and crowd out the Python thread."""
+    """BLAS threads to start with when the user set none: every usable core but one, which
+    stays with the Python thread (HTTP, tokenizing, detokenizing). The engine's process then
+    follows the cores other programs leave free (`engine.cpu_threads`)."""
     return max(1, usable_cores() - 1)
 
 
@@ -204,32 +203,38 @@ def reexec_with_blas() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def use_every_core(environ: Mapping[str, str] | None = None) -> int | None:
-    """Give the preloaded BLAS every usable core, where its thread count is ours to choose (the
-    user set none): for a process whose Python side has nothing to do while the BLAS runs, such
-    as an engine process that only embeds (the default keeps a core for the HTTP server's
-    tokens; embedding is all matmuls). The threads it now has, or None where nothing changed."""
+def governed(environ: Mapping[str, str] | None = None) -> BlasReport | None:
+    """This process's BLAS when its thread count is ours to change while serving
+    (`engine.cpu_threads`): a real library, preloaded by the CLI with the count defaulted
+    (the user set none), that has a call to change it. None otherwise."""
     environ = os.environ if environ is None else environ
     report = current_report()
     if not environ.get(DEFAULT_THREADS) or report is None or report.source == "bundled":
         return None
-    threads = usable_cores()
-    if not set_threads(report.path, threads):
+    lib = ctypes.CDLL(report.path)  # already loaded: the same handle
+    if not any(hasattr(lib, name) for name in _SET_THREADS):
         return None
+    return report
+
+
+def note_threads(threads: int) -> None:
+    """Record that the BLAS runs ``threads`` threads now (in this process, or in the engine's
+    process this server reports for)."""
     global _report
-    _report = replace(report, threads=threads)
-    return threads
+    if _report is not None:
+        _report = replace(_report, threads=threads)
+
+
+_SET_THREADS = ("openblas_set_num_threads", "MKL_Set_Num_Threads")
 
 
 def set_threads(path: str, threads: int) -> bool:
     """Set the thread count of the BLAS loaded from ``path``; whether it has a way to."""
     lib = ctypes.CDLL(path)  # already loaded: the same handle
-    if hasattr(lib, "openblas_set_num_threads"):
-        lib.openblas_set_num_threads(threads)
-        return True
-    if hasattr(lib, "MKL_Set_Num_Threads"):
-        lib.MKL_Set_Num_Threads(threads)
-        return True
+    for name in _SET_THREADS:
+        if hasattr(lib, name):
+            getattr(lib, name)(threads)
+            return True
     return False
 
 

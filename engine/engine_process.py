@@ -38,6 +38,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from engine import cpu_blas
 from engine.config import ConfigError, EngineConfig
 from engine.loader.build import LoadedModel
 from engine.loader.encoder import LoadedEncoder
@@ -219,6 +220,8 @@ class EngineProcess:
                     self.stats = message[1]
                 elif kind == "warmed":
                     self.warmed.set()
+                elif kind == "blas_threads":  # what /health reports
+                    cpu_blas.note_threads(message[1])
                 elif kind == "train":
                     _, token, event = message
                     if isinstance(event, (Finished, Failed, Stopped)):
@@ -301,6 +304,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     send(("ready", info))
     engine.start()
     threading.Thread(target=_relay_stats, args=(engine, send), daemon=True).start()
+    _govern_blas_threads(send)
     training: dict[int, Any] = {}
     try:
         while True:
@@ -335,7 +339,6 @@ def _engine_main(conn, spec: EngineSpec) -> None:
 
 def _start(spec: EngineSpec, send: Callable[[tuple], None]):
     """Load the model and build the engine thread (not started); the info the server needs."""
-    from engine import cpu_blas
     from engine.assembly import assemble, load_models
     from engine.engine_thread import EngineThread, release_thread_state
     from engine.memory import MemoryReading, available_memory
@@ -344,9 +347,6 @@ def _start(spec: EngineSpec, send: Callable[[tuple], None]):
 
     cpu_blas.check()
     loaded, embedding = load_models(spec)
-    if isinstance(loaded, LoadedEncoder) and (threads := cpu_blas.use_every_core()):
-        # embeddings only: the server's process has little to do while the encoder multiplies
-        log.info("embeddings only: the BLAS takes every core (%d threads)", threads)
     core, background, num_blocks = assemble(loaded, embedding, spec)
     publish = _publisher(core, send)
     is_decoder = isinstance(loaded, LoadedModel)
@@ -386,6 +386,33 @@ def _relay_stats(engine, send: Callable[[tuple], None]) -> None:
                 send(("stats", stats))
             except OSError:
                 return
+
+
+def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
+    """Where the BLAS's thread count is ours, let it follow the cores the rest of the machine
+    leaves free (`engine.cpu_threads`), and tell the server each change."""
+    from engine import cpu_threads
+
+    if (blas := cpu_blas.governed()) is None or blas.path is None:
+        return
+    path = blas.path
+
+    def apply(threads: int, others: float) -> None:
+        cpu_blas.set_threads(path, threads)
+        cpu_blas.note_threads(threads)
+        plural = "s" * (threads != 1)
+        log.info("cpu blas: %d thread%s (other programs use %.1f cores)", threads, plural, others)
+        with contextlib.suppress(OSError):
+            send(("blas_threads", threads))
+
+    log.info(
+        "cpu blas: its threads follow the cores other programs leave free (now %s)", blas.threads
+    )
+    stop = threading.Event()  # never set: the thread ends with the process
+    args = (apply, blas.threads or 1, stop)
+    threading.Thread(
+        target=cpu_threads.govern, args=args, name="candlewick-blas-threads", daemon=True
+    ).start()
 
 
 def _add(engine, request_id: str, payload: bytes, send: Callable[[tuple], None]) -> None:

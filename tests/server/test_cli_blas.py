@@ -169,9 +169,9 @@ def test_candlewick_blas_naming_a_missing_file_is_an_error(tmp_path):
 @linux
 @needs_blas
 @pytest.mark.parametrize("user_threads", [None, "1"])
-def test_an_embeddings_only_engine_takes_every_core_unless_the_user_said(tmp_path, user_threads):
-    """An encoder served alone: its engine process gives the BLAS every core (the server's
-    process has little to do meanwhile), unless the user set the thread count."""
+def test_the_engine_process_governs_the_blas_threads_unless_the_user_said(tmp_path, user_threads):
+    """The engine's process lets the BLAS's threads follow the cores other programs leave free
+    (an encoder here: it and a decoder start the same way), unless the user set the count."""
     folder = minilm_folder()
     extra = {FOUND.threads_env: user_threads} if user_threads else {}
     env, _ = cli_env(tmp_path, **extra)
@@ -190,5 +190,31 @@ def test_an_embeddings_only_engine_takes_every_core_unless_the_user_said(tmp_pat
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
-    line = f"embeddings only: the BLAS takes every core ({cpu_blas.usable_cores()} threads)"
+    start = cpu_blas.default_threads()
+    line = f"cpu blas: its threads follow the cores other programs leave free (now {start})"
     assert (line in output) == (user_threads is None), output
+
+
+SET_THREADS = """
+import ctypes, os
+from engine import cpu_blas
+cpu_blas.check()
+report = cpu_blas.governed()
+lib = ctypes.CDLL(report.path)
+for n in (3, 1):
+    assert cpu_blas.set_threads(report.path, n)
+    print(lib.openblas_get_num_threads())
+"""
+
+
+@linux
+@needs_blas
+@pytest.mark.skipif(FOUND is not None and "mkl" in FOUND.path.name, reason="an OpenBLAS call")
+def test_set_threads_changes_the_preloaded_library_in_a_running_process(tmp_path):
+    env, _ = cli_env(tmp_path)
+    env = cpu_blas.plan_preload(env, FOUND, preloaded=False)  # as the CLI re-executes
+    out = subprocess.run(
+        [sys.executable, "-c", SET_THREADS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "1"]
