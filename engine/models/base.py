@@ -7,11 +7,13 @@ between Llama, Mistral, Qwen2 and Qwen3 is a field of ``ModelConfig``.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from engine.config import ModelConfig, RopeConfig
-from engine.models.activations import swiglu
+from engine.models.activations import RMSNorm, swiglu
 from engine.models.cache import KVCache, LayerCache
 
 
@@ -22,6 +24,7 @@ class RoPE(nn.Module):
     def __init__(self, rope: RopeConfig) -> None:
         super().__init__()
         self.dims = rope.dims
+        self.config = rope
         # Leading underscore: a constant, not a parameter to load.
         self._freqs = mx.array(1.0 / rope.inv_freq(), dtype=mx.float32)
 
@@ -30,6 +33,35 @@ class RoPE(nn.Module):
         return mx.fast.rope(
             x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
         )
+
+    # On the CPU, ``mx.fast.rope`` inserts its composed fallback, which computes the angles'
+    # cos and sin again in every call: twice a layer for the same positions. A step's paged
+    # cache computes them once (``tables``) and every layer rotates with them (``rotate``), the
+    # fallback's arithmetic compiled into one loop.
+
+    def tables(self, positions: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """cos and sin [T, 1, 1, dims/2] for rows [T, H, 1, D] at ``positions`` [T]."""
+        theta = positions.astype(mx.float32)[:, None, None, None] * mx.reciprocal(self._freqs)
+        return mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
+
+    def rotate(self, rows: mx.array, tables: tuple[mx.array, mx.array]) -> mx.array:
+        """``self(rows, positions)`` for rows [T, H, 1, D], from ``tables(positions)``."""
+        return _rotate_halves(self.dims, rows.shape[-1])(rows, *tables)
+
+
+@functools.cache
+def _rotate_halves(dims: int, width: int):
+    half = dims // 2
+
+    @mx.compile
+    def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        x1, x2 = x[..., :half], x[..., half:dims]
+        parts = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]
+        if dims < width:
+            parts.append(x[..., dims:])
+        return mx.concatenate(parts, axis=-1)
+
+    return rotate
 
 
 class Attention(nn.Module):
@@ -43,8 +75,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(D, eps=cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, eps=cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rope = RoPE(cfg.rope)
 
@@ -80,8 +112,8 @@ class TransformerBlock(nn.Module):
         self.window = window
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -95,7 +127,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [TransformerBlock(cfg, w) for w in cfg.layer_windows]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[LayerCache]) -> mx.array:
         # tokens: [B, S] -> hidden: [B, S, hidden]

@@ -9,7 +9,7 @@ on all T tokens at once; attention splits them back by sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,6 +41,9 @@ class AttentionMetadata:
     decode_seq_lens: mx.array | None  # [num_decodes] int32
     prefills: tuple[PrefillSegment, ...]
     block_size: int
+    # On the CPU: each RoPE's cos and sin at ``positions``, computed by the first layer that
+    # rotates (``PagedLayerCache.rotate``), keyed by its config and dtype.
+    rope_tables: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def plans_attention_per_shape(dtype: mx.Dtype) -> bool:
@@ -120,7 +123,12 @@ class PagedLayerCache:
     def rotate(self, rope: nn.Module, x: mx.array) -> mx.array:
         # x: [1, H, T, D] -> per-token rows [T, H, 1, D], each at its own position.
         rows = x.transpose(2, 1, 0, 3)
-        return rope(rows, self.meta.positions).transpose(2, 1, 0, 3)
+        if mx.default_device() != mx.cpu:
+            return rope(rows, self.meta.positions).transpose(2, 1, 0, 3)
+        key = (rope.config, x.dtype)
+        if (tables := self.meta.rope_tables.get(key)) is None:
+            tables = self.meta.rope_tables[key] = rope.tables(self.meta.positions, x.dtype)
+        return rope.rotate(rows, tables).transpose(2, 1, 0, 3)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
         meta, store, i = self.meta, self.store, self.layer

@@ -209,3 +209,28 @@ def test_two_engine_processes_make_identical_tokens(tmp_path):
         outs.append(json.loads(done.stdout))
     assert outs[0] == outs[1]
     assert outs[0]["r1"] != outs[0]["r0"]  # the unseeded row really sampled
+
+
+def test_a_cpu_step_computes_rope_tables_once_for_every_layer(model, monkeypatch):
+    """On the CPU the cos/sin of a step's positions are computed by the first layer that
+    rotates and reused by the rest (queries and keys of every layer)."""
+    from engine.models.base import RoPE
+
+    calls = []
+    tables = RoPE.tables
+
+    def counted(self, positions, dtype):
+        calls.append(positions.shape)
+        return tables(self, positions, dtype)
+
+    monkeypatch.setattr(RoPE, "tables", counted)
+    assert len(model.model.layers) >= 2
+    core = make_core(model)
+    forwards = []
+    hidden = core.runner.model.hidden
+    monkeypatch.setattr(core.runner.model, "hidden", lambda *a: forwards.append(1) or hidden(*a))
+    core.add_request(EngineRequest("a", [1, 2, 3, 4, 5], greedy(3)))
+    while core.has_work:
+        core.step()
+    # one per forward pass (prefill, then each decode), not two per layer
+    assert len(calls) == len(forwards) == 3
