@@ -104,7 +104,7 @@ def make_data(out: Path, n: int = 128) -> Path:
 def ours(folder: Path, data: Path, steps: int, warmup: int) -> dict:
     from engine.loader.load import load_model
     from engine.training.data import chat_example
-    from engine.training.lora import LoRASpec, init_lora
+    from engine.training.lora import LoRASpec, init_lora, projection_shapes
     from engine.training.trainer import Trainer, TrainingConfig
 
     loaded = load_model(folder)
@@ -113,7 +113,9 @@ def ours(folder: Path, data: Path, steps: int, warmup: int) -> dict:
     spec = LoRASpec(RANK, RANK * SCALE, tuple(KEYS))
     config = TrainingConfig(learning_rate=LR, n_epochs=8, batch_size=BATCH,
                             micro_batch_size=BATCH, schedule="constant")  # fmt: skip
-    trainer = Trainer(loaded.model, examples, init_lora(loaded.model, spec, 0), config)
+    trainer = Trainer(
+        loaded.model, examples, init_lora(projection_shapes(loaded.model), spec, 0), config
+    )
     tokens = seconds = 0.0
     for i in range(steps):
         r = trainer.train_step()
@@ -134,8 +136,10 @@ def theirs(folder: Path, data: Path, steps: int, warmup: int, out: Path) -> dict
         "--steps-per-eval", str(10 * steps), "--val-batches", "1",
         "--adapter-path", str(out / "mlx_lm_adapter"), "-c", str(config),
     ]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    run = subprocess.run(cmd, capture_output=True, text=True)
     (out / "mlx_lm_lora.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        raise RuntimeError(f"mlx_lm lora exited with {run.returncode}:\n{run.stderr[-3000:]}")
     rates = []  # its table's training rows: iter, loss, trend, tok/s, tokens so far
     for line in re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr).splitlines():
         parts = line.split()
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             if name == "candlewick":
                 got = ours(folder, data, args.steps, args.warmup)
+                mx.clear_cache()  # the trainer's freed buffers: mlx-lm's process needs the memory
             else:
                 got = theirs(folder, data, args.steps, args.warmup, args.out)
             got |= {"round": r, "tool": name, "wall_s": round(time.time() - start, 1)}

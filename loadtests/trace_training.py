@@ -82,7 +82,7 @@ def closed_loop(core, bg, work, prompts, streams: int, max_tokens: int) -> tuple
 
 def training_work(model_dir: Path, loaded, out: Path, budget: int):
     from engine.training.data import chat_example
-    from engine.training.lora import LoRASpec, init_lora
+    from engine.training.lora import LoRASpec, init_lora, projection_shapes
     from engine.training.memory import plan_memory
     from engine.training.trainer import TrainingConfig
     from engine.training.work import TrainingRun, TrainingWork
@@ -91,7 +91,9 @@ def training_work(model_dir: Path, loaded, out: Path, budget: int):
     data = make_data(out)
     records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     examples = [chat_example(loaded.tokenizer, r["messages"]) for r in records]
-    initial = init_lora(loaded.model, LoRASpec(RANK, RANK * SCALE, tuple(KEYS)), 0)
+    initial = init_lora(
+        projection_shapes(loaded.model), LoRASpec(RANK, RANK * SCALE, tuple(KEYS)), 0
+    )
     params = sum(w.a.size + w.b.size for w in initial.values())
     longest = max(len(e) for e in examples)
     plan = plan_memory(loaded.config, params, BATCH, longest, budget, loaded.dtype.size)
