@@ -391,8 +391,12 @@ def _relay_stats(engine, send: Callable[[tuple], None]) -> None:
 def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
     """Where the BLAS's thread count is ours, let it follow the cores the rest of the machine
     leaves free (`engine.cpu_threads`), and tell the server each change."""
+    import mlx.core as mx
+
     from engine import cpu_threads
 
+    if mx.default_device() != mx.cpu:  # the model runs on a GPU: the BLAS has little to do
+        return
     if (blas := cpu_blas.governed()) is None or blas.path is None:
         return
     path = blas.path
