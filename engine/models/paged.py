@@ -16,7 +16,12 @@ import mlx.nn as nn
 
 from engine.config import ModelConfig
 from engine.models.attention import prefill_attention, shape_bucket
-from metal_kernels.paged_attention import gather_kv, paged_decode_attention
+from metal_kernels.paged_attention import (
+    gather_kv,
+    gather_kv_head_major,
+    paged_decode_attention,
+    paged_decode_attention_head_major,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +61,10 @@ _CUDNN_DTYPES = (mx.float16, mx.bfloat16)
 
 
 class PagedKVStore:
-    """The block pools of every layer: keys and values [num_blocks * block_size, Hkv, D].
+    """The block pools of every layer: keys and values [num_blocks * block_size, Hkv, D] (slot-
+    major, what the GPU kernels read), or on the CPU [Hkv, num_blocks * block_size, D]
+    (head-major: each KV head's block is one contiguous run, so the CPU's decode attention
+    copies whole blocks where it would copy rows; ``head_major`` None decides by device).
 
     Block 0 is the null block: padding slots write there and nothing reads it unmasked.
     ``stable_prefill_shapes`` pads prefill attention to a few shapes (`prefill_attention`);
@@ -70,8 +78,17 @@ class PagedKVStore:
         block_size: int,
         dtype: mx.Dtype,
         stable_prefill_shapes: bool | None = None,
+        head_major: bool | None = None,
     ):
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        if head_major is None:
+            head_major = mx.default_device() == mx.cpu
+        self.head_major = head_major
+        slots = num_blocks * block_size
+        shape = (
+            (cfg.num_kv_heads, slots, cfg.head_dim)
+            if head_major
+            else (slots, cfg.num_kv_heads, cfg.head_dim)
+        )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -113,6 +130,26 @@ class PagedKVStore:
     def state(self) -> list[mx.array]:
         return self.keys + self.values
 
+    def slot_major(self, pool: mx.array) -> mx.array:
+        """``pool`` seen as [slots, Hkv, D], whichever layout it has."""
+        return pool.transpose(1, 0, 2) if self.head_major else pool
+
+    def write(self, layer: int, slots: mx.array, k: mx.array, v: mx.array) -> None:
+        """This step's keys and values [Hkv, T, D] into ``slots`` [T] of the layer's pools.
+        Only the store references a pool, so MLX's scatter updates it in place."""
+        if self.head_major:
+            self.keys[layer][:, slots] = k
+            self.values[layer][:, slots] = v
+        else:
+            self.keys[layer][slots] = k.transpose(1, 0, 2)  # [T, Hkv, D]
+            self.values[layer][slots] = v.transpose(1, 0, 2)
+
+    def gather(self, pool: mx.array, block_table: mx.array) -> mx.array:
+        """The keys (or values) of the blocks in ``block_table`` [B, n]: [B, Hkv, n * bs, D]."""
+        if self.head_major:
+            return gather_kv_head_major(pool, block_table, self.block_size)
+        return gather_kv(pool, block_table, self.block_size)
+
 
 class PagedLayerCache:
     """One layer's view of the store for one step (implements ``LayerCache``)."""
@@ -132,15 +169,15 @@ class PagedLayerCache:
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
         meta, store, i = self.meta, self.store, self.layer
-        # Write first: a token attends to its own key. Only the store references a pool, so
-        # MLX's scatter can update it in place instead of copying it.
-        store.keys[i][meta.slot_mapping] = k[0].transpose(1, 0, 2)  # [T, Hkv, D]
-        store.values[i][meta.slot_mapping] = v[0].transpose(1, 0, 2)
+        store.write(i, meta.slot_mapping, k[0], v[0])  # first: a token attends to its own key
         k_pool, v_pool = store.keys[i], store.values[i]
         outs = []
         if meta.num_decodes:
             qd = q[0, :, : meta.num_decodes].transpose(1, 0, 2)[:, :, None, :]  # [Bd, H, 1, D]
-            out = paged_decode_attention(
+            decode = (
+                paged_decode_attention_head_major if store.head_major else paged_decode_attention
+            )
+            out = decode(
                 qd,
                 k_pool,
                 v_pool,
@@ -159,8 +196,8 @@ class PagedLayerCache:
                 # are, no trip through the pool.
                 keys, values = k[:, :, span], v[:, :, span]
             else:
-                keys = gather_kv(k_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
-                values = gather_kv(v_pool, seg.block_table, meta.block_size)[:, :, : seg.seq_len]
+                keys = store.gather(k_pool, seg.block_table)[:, :, : seg.seq_len]
+                values = store.gather(v_pool, seg.block_table)[:, :, : seg.seq_len]
             outs.append(
                 prefill_attention(
                     qs,

@@ -24,6 +24,15 @@ def gather_kv(pool: mx.array, block_table: mx.array, block_size: int) -> mx.arra
     return blocks.reshape(B, n * block_size, heads, dim).transpose(0, 2, 1, 3)
 
 
+def gather_kv_head_major(pool: mx.array, block_table: mx.array, block_size: int) -> mx.array:
+    """``gather_kv`` from a head-major pool: [Hkv, num_blocks * block_size, D] -> [B, Hkv,
+    n * block_size, D]."""
+    heads, num_slots, dim = pool.shape
+    blocks = pool.reshape(heads, num_slots // block_size, block_size, dim)[:, block_table]
+    B, n = block_table.shape
+    return blocks.reshape(heads, B, n * block_size, dim).transpose(1, 0, 2, 3)
+
+
 def paged_decode_attention(
     q: mx.array,
     k_pool: mx.array,

@@ -60,7 +60,7 @@ def kv_rows(core, request_id: str, n: int) -> list[np.ndarray]:
     pos = np.arange(n)
     slots = mx.array(table[pos // bs] * bs + pos % bs)
     store = core.runner.store
-    return [np.array(pool[slots]) for pool in store.keys + store.values]
+    return [np.array(store.slot_major(pool)[slots]) for pool in store.keys + store.values]
 
 
 def step_until(core, request_id: str, num_outputs: int) -> list[int]:
@@ -234,3 +234,29 @@ def test_a_cpu_step_computes_rope_tables_once_for_every_layer(model, monkeypatch
         core.step()
     # one per forward pass (prefill, then each decode), not two per layer
     assert len(calls) == len(forwards) == 3
+
+
+def test_the_cpu_head_major_store_and_the_gpu_slot_major_store_give_the_same_steps(model):
+    """The CPU keeps its pools head-major ([Hkv, slots, D]); the GPU kernels' slot-major layout
+    runs the same steps on the CPU too: chunked prefills reading earlier blocks, decodes,
+    prefix-cache hits, with the same tokens and logprobs, and the same keys in every slot."""
+    from engine.models.paged import PagedKVStore
+
+    def core(head_major: bool):
+        c = make_core(model, max_num_batched_tokens=16, long_prefill_chunk=8)
+        store = c.runner.store
+        c.runner.store = PagedKVStore(
+            model.config, store.num_blocks, store.block_size, mx.float32, head_major=head_major
+        )
+        return c
+
+    shared = prompts(1, seed=7)[0]
+    reqs = [
+        EngineRequest(f"r{i}", shared + p, greedy(10, logprobs=0))
+        for i, p in enumerate(prompts(5, seed=3))
+    ]
+    head, slot = core(True), core(False)
+    assert head.runner.store.head_major and not slot.runner.store.head_major
+    assert run(head, reqs) == run(slot, reqs)
+    for a, b in zip(head.runner.store.state, slot.runner.store.state, strict=True):
+        assert mx.array_equal(head.runner.store.slot_major(a), b).item()

@@ -239,6 +239,36 @@ def test_cpu_path_rebuilds_its_row_index_when_the_tables_change():
         assert max_error(run(cpu.paged_decode_attention, case), want) <= 1e-5, case.describe()
 
 
+def head_major(q, k_pool, v_pool, block_tables, seq_lens, *, block_size, window, scale):
+    """The head-major CPU path behind the slot-major contract: the pools laid out as the
+    CPU's store keeps them, [Hkv, slots, D]."""
+    k, v = (mx.contiguous(p.transpose(1, 0, 2)) for p in (k_pool, v_pool))
+    kw = {"block_size": block_size, "window": window, "scale": scale}
+    return cpu.paged_decode_attention_head_major(q, k, v, block_tables, seq_lens, **kw)
+
+
+def test_head_major_cpu_path_matches_naive_attention():
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert_parity(head_major)
+    finally:
+        mx.set_default_device(previous)
+
+
+def test_both_cpu_layouts_rebuild_their_index_when_tables_or_layout_change():
+    """One step index per thread serves both layouts: each call with other tables, another
+    block size or the other layout gets its own rows."""
+    a = random_case([5, 40], num_kv_heads=2, gqa=2, head_dim=32, block_size=8, dtype=mx.float32)
+    b = random_case([33, 2, 17], num_kv_heads=2, gqa=2, head_dim=32, block_size=8, dtype=mx.float32)
+    c = random_case([9], num_kv_heads=4, gqa=1, head_dim=32, block_size=4, dtype=mx.float32)
+    rows = cpu.paged_decode_attention
+    for case, path in [(a, head_major), (a, rows), (a, head_major), (b, head_major),
+                       (c, head_major), (c, rows)]:  # fmt: skip
+        want = run(reference.paged_decode_attention, case)
+        assert max_error(run(path, case), want) <= 1e-5, case.describe()
+
+
 def test_cpu_path_matches_naive_attention():
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
