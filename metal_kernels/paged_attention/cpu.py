@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 
 import mlx.core as mx
+import numpy as np
 
 
 class _StepIndex(threading.local):
@@ -40,13 +41,14 @@ class _StepIndex(threading.local):
         self.key: tuple | None = None
         self.inputs: tuple[mx.array, mx.array] | None = None
         self.rows: mx.array | None = None
-        self.masks: dict[int | None, mx.array] = {}
+        self.masks: dict[tuple[int | None, bool], mx.array | np.ndarray] = {}
 
     def __call__(
         self, block_tables: mx.array, seq_lens: mx.array, block_size: int, num_kv_heads: int,
-        window: int | None, num_blocks: int | None = None,
-    ) -> tuple[mx.array, mx.array]:  # fmt: skip
-        """``num_blocks`` set: the pool is head-major, and the rows are whole blocks."""
+        window: int | None, num_blocks: int | None = None, host: bool = False,
+    ) -> tuple[mx.array, mx.array | np.ndarray]:  # fmt: skip
+        """``num_blocks`` set: the pool is head-major, and the rows are whole blocks. ``host``:
+        the mask as a NumPy array."""
         key = (block_size, num_kv_heads, num_blocks)
         same = self.inputs is not None and self.inputs[0] is block_tables
         if not (same and self.inputs[1] is seq_lens and self.key == key):
@@ -62,15 +64,16 @@ class _StepIndex(threading.local):
                 # [B, Hkv, L]: row (slot * Hkv + kv) of the pool seen as [slots * Hkv, D]
                 self.rows = slots[:, None, :] * num_kv_heads + heads
             self.inputs, self.key, self.masks = (block_tables, seq_lens), key, {}
-        if window not in self.masks:
+        if (window, host) not in self.masks:
             width = block_tables.shape[1] * block_size
-            k_pos = mx.arange(width)[None, :]  # [1, L]
-            lens = seq_lens[:, None]  # [B, 1]
+            xp = np if host else mx  # NumPy for a softmax taken in NumPy (see ``_attend``)
+            k_pos = xp.arange(width)[None, :]  # [1, L]
+            lens = (np.asarray(seq_lens) if host else seq_lens)[:, None]  # [B, 1]
             visible = k_pos < lens
             if window is not None:
                 visible = visible & (k_pos >= lens - window)
-            self.masks[window] = visible[:, None, None, :]  # [B, 1, 1, L]
-        return self.rows, self.masks[window]
+            self.masks[window, host] = visible[:, None, None, :]  # [B, 1, 1, L]
+        return self.rows, self.masks[window, host]
 
 
 _step_index = _StepIndex()
@@ -90,7 +93,8 @@ def paged_decode_attention(
     """q [B, H, 1, D]; pools [slots, Hkv, D]; tables [B, n]; seq_lens [B] -> [B, H, 1, D]."""
     D = q.shape[3]
     Hkv = k_pool.shape[1]
-    rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window)
+    host = _softmax_on_host(q)
+    rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window, None, host)
     # One gather of whole rows lays each (sequence, KV head)'s keys out as a contiguous [L, D]
     # matrix, which BLAS reads transposed as it is: no second, strided copy.
     keys = k_pool.reshape(-1, D)[rows]  # [B, Hkv, L, D]
@@ -117,7 +121,8 @@ def paged_decode_attention_head_major(
     B, D = q.shape[0], q.shape[3]
     Hkv, num_slots, _ = k_pool.shape
     num_blocks = num_slots // block_size
-    rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window, num_blocks)
+    host = _softmax_on_host(q)
+    rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window, num_blocks, host)
     n = block_tables.shape[1]
     keys = k_pool.reshape(Hkv * num_blocks, block_size * D)[rows].reshape(B, Hkv, n * block_size, D)
     values = v_pool.reshape(Hkv * num_blocks, block_size * D)[rows]
@@ -134,9 +139,32 @@ def _attend(
     # Query heads h = kv * gqa + g share KV head kv: fold them into the rows of one product.
     folded = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, H // Hkv, D)
     scores = folded @ keys.swapaxes(-1, -2)  # [B, Hkv, gqa, L]
-    scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
-    probs = mx.softmax(scores, axis=-1, precise=True)
+    if isinstance(visible, np.ndarray):
+        probs = mx.array(_numpy_softmax(scores, visible))
+    else:
+        scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
+        probs = mx.softmax(scores, axis=-1, precise=True)
     out = (probs @ values).reshape(B, H, 1, D)
     # A row with nothing visible is all -inf: its softmax is NaN, and its output zeros.
     empty = (seq_lens <= 0)[:, None, None, None]
     return mx.where(empty, mx.zeros_like(out), out)
+
+
+def _softmax_on_host(q: mx.array) -> bool:
+    """float32 takes its softmax in NumPy: MLX's CPU ``exp`` is a scalar loop (~16 ns an
+    element here), NumPy's vectorized (~3 ns). At 16 sequences of ~140 tokens MLX's softmax and
+    mask took ~0.3 ms a layer. The step waits for each layer's scores (the CPU's ``async_eval``
+    nearly does anyway), as the prefill path's NumPy softmax does."""
+    return q.dtype == mx.float32
+
+
+def _numpy_softmax(scores: mx.array, visible: np.ndarray) -> np.ndarray:
+    """The masked softmax of ``scores`` over its last axis, in float32 NumPy. A row with
+    nothing visible comes out NaN, as MLX's does (the caller zeroes it)."""
+    mx.eval(scores)
+    probs = np.where(visible, np.asarray(scores), np.float32(-np.inf))
+    with np.errstate(invalid="ignore"):
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs

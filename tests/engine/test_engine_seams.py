@@ -239,7 +239,8 @@ def test_a_cpu_step_computes_rope_tables_once_for_every_layer(model, monkeypatch
 def test_the_cpu_head_major_store_and_the_gpu_slot_major_store_give_the_same_steps(model):
     """The CPU keeps its pools head-major ([Hkv, slots, D]); the GPU kernels' slot-major layout
     runs the same steps on the CPU too: chunked prefills reading earlier blocks, decodes,
-    prefix-cache hits, with the same tokens and logprobs, and the same keys in every slot."""
+    prefix-cache hits, with the same tokens, and logprobs and keys in every slot equal to
+    float32 rounding."""
     from engine.models.paged import PagedKVStore
 
     def core(head_major: bool):
@@ -257,6 +258,11 @@ def test_the_cpu_head_major_store_and_the_gpu_slot_major_store_give_the_same_ste
     ]
     head, slot = core(True), core(False)
     assert head.runner.store.head_major and not slot.runner.store.head_major
-    assert run(head, reqs) == run(slot, reqs)
+    (head_tokens, head_lps), (slot_tokens, slot_lps) = run(head, reqs), run(slot, reqs)
+    assert head_tokens == slot_tokens
+    # float32 rounding apart: the head-major path takes its softmax in NumPy, the slot-major
+    # one here MLX's (this model's head size sends it to the reference)
+    for rid, lps in head_lps.items():
+        assert np.allclose(lps, slot_lps[rid], rtol=0, atol=1e-5), rid
     for a, b in zip(head.runner.store.state, slot.runner.store.state, strict=True):
-        assert mx.array_equal(head.runner.store.slot_major(a), b).item()
+        assert mx.allclose(head.runner.store.slot_major(a), b, rtol=0, atol=1e-5).item()
