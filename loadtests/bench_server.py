@@ -114,11 +114,15 @@ def mlx_lm_argv(hf: Path, port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], log: Path, timeout: float) -> Iterator[Server]:
+def running(
+    argv: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """A server in its own process group, yielded once healthy, always killed afterwards."""
     url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:
