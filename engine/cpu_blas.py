@@ -211,6 +211,8 @@ def governed(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     report = current_report()
     if not environ.get(DEFAULT_THREADS) or report is None or report.source == "bundled":
         return None
+    if report.path is None:  # a library found in the global scope but not in the maps
+        return None
     lib = ctypes.CDLL(report.path)  # already loaded: the same handle
     if not any(hasattr(lib, name) for name in _SET_THREADS):
         return None

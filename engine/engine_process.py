@@ -397,7 +397,7 @@ def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
 
     if mx.default_device() != mx.cpu:  # the model runs on a GPU: the BLAS has little to do
         return
-    if (blas := cpu_blas.governed()) is None or blas.path is None:
+    if (blas := cpu_blas.governed()) is None:
         return
     path = blas.path
 

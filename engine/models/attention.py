@@ -11,6 +11,8 @@ import functools
 import mlx.core as mx
 import numpy as np
 
+from metal_kernels.paged_attention import numpy_masked_softmax
+
 Mask = mx.array | str | None
 
 
@@ -146,11 +148,6 @@ def cpu_attention(
     gqa = H // Hkv
     folded = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, gqa * S, D)
     scores = folded @ k.swapaxes(-1, -2)  # [B, Hkv, gqa * S, L]
-    mx.eval(scores)
-    probs = np.where(visible, np.asarray(scores).reshape(B, Hkv, gqa, S, L), np.float32(-np.inf))
-    with np.errstate(invalid="ignore"):  # only rows with nothing visible: NaN, as from MLX
-        probs -= probs.max(axis=-1, keepdims=True)
-        np.exp(probs, out=probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
+    probs = numpy_masked_softmax(scores.reshape(B, Hkv, gqa, S, L), visible)
     out = mx.array(probs.reshape(B, Hkv, gqa * S, L)) @ v  # [B, Hkv, gqa * S, D]
     return out.reshape(B, H, S, D)

@@ -5,7 +5,10 @@ The engine calls ``paged_decode_attention`` (the dispatcher); see README.md for 
 
 from __future__ import annotations
 
-from metal_kernels.paged_attention.cpu import paged_decode_attention_head_major
+from metal_kernels.paged_attention.cpu import (
+    numpy_masked_softmax,
+    paged_decode_attention_head_major,
+)
 from metal_kernels.paged_attention.dispatch import (
     PagedAttentionDispatcher,
     get_dispatcher,
@@ -21,6 +24,7 @@ __all__ = [
     "gather_kv",
     "gather_kv_head_major",
     "get_dispatcher",
+    "numpy_masked_softmax",
     "paged_decode_attention",
     "paged_decode_attention_head_major",
     "reference_paged_decode_attention",

@@ -140,7 +140,7 @@ def _attend(
     folded = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, H // Hkv, D)
     scores = folded @ keys.swapaxes(-1, -2)  # [B, Hkv, gqa, L]
     if isinstance(visible, np.ndarray):
-        probs = mx.array(_numpy_softmax(scores, visible))
+        probs = mx.array(numpy_masked_softmax(scores, visible))
     else:
         scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
         probs = mx.softmax(scores, axis=-1, precise=True)
@@ -158,9 +158,11 @@ def _softmax_on_host(q: mx.array) -> bool:
     return q.dtype == mx.float32
 
 
-def _numpy_softmax(scores: mx.array, visible: np.ndarray) -> np.ndarray:
-    """The masked softmax of ``scores`` over its last axis, in float32 NumPy. A row with
-    nothing visible comes out NaN, as MLX's does (the caller zeroes it)."""
+def numpy_masked_softmax(scores: mx.array, visible: np.ndarray) -> np.ndarray:
+    """The softmax of ``scores`` over its last axis where ``visible`` (a bool array that
+    broadcasts to it), in float32 NumPy: the scores are evaluated here and read in place. A
+    row with nothing visible comes out NaN, as MLX's does. Serving's prefill attention and the
+    BERT encoder take theirs here too (``engine.models.attention.cpu_attention``)."""
     mx.eval(scores)
     probs = np.where(visible, np.asarray(scores), np.float32(-np.inf))
     with np.errstate(invalid="ignore"):
