@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from engine.background import Background, Cancellable
 from engine.encoder_core import EncodeRequest
@@ -79,12 +79,29 @@ class AsyncEngine:
             if not finished:
                 self._thread.abort(request.request_id)
 
-    async def embed(self, request: EngineRequest | EncodeRequest) -> RequestOutput:
-        """A pooling request's one output: its embedding, or its error or abort."""
-        async for output in self.generate(request):
-            if output.finished:
-                return output
-        raise RuntimeError(f"request {request.request_id!r} ended without an output")
+    async def embed(self, requests: Sequence[EngineRequest | EncodeRequest]) -> list[RequestOutput]:
+        """Pooling requests' one output each (an embedding, or an error or abort), in order.
+        They reach the engine together, so its next step sees all of them (as many as its
+        token budget takes), not the first alone. Leaving early aborts those not finished."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) < len(ids) or any(i in self._streams for i in ids):
+            raise ValueError("request ids must be unique and not already running")
+        self._loop = asyncio.get_running_loop()
+        streams: dict[str, asyncio.Queue[RequestOutput]] = {i: asyncio.Queue() for i in ids}
+        self._streams.update(streams)
+        done: dict[str, RequestOutput] = {}
+        try:
+            self._thread.add(*requests)
+            for request_id, stream in streams.items():
+                while not (output := await stream.get()).finished:
+                    pass
+                done[request_id] = output
+        finally:
+            for request_id in ids:
+                self._streams.pop(request_id, None)
+                if request_id not in done:
+                    self._thread.abort(request_id)
+        return [done[i] for i in ids]
 
     @property
     def warmed(self) -> bool:

@@ -28,8 +28,10 @@ import platform
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -228,6 +230,43 @@ def note_threads(threads: int) -> None:
 
 
 _SET_THREADS = ("openblas_set_num_threads", "MKL_Set_Num_Threads")
+
+# While the governor runs (engine.cpu_threads): the library it sets and the count it set last.
+_governed: tuple[str, int] | None = None
+_governed_lock = threading.Lock()
+
+
+def govern_threads(path: str, threads: int) -> None:
+    """The governor's call: the BLAS at ``path`` (``governed()``'s) runs ``threads`` threads
+    from now on, the cores this process may compute on."""
+    global _governed
+    with _governed_lock:
+        set_threads(path, threads)
+        note_threads(threads)
+        _governed = (path, threads)
+
+
+def shared_cores() -> int:
+    """The cores this process may compute on now: the governed thread count, or 1 where the
+    BLAS's threads are not ours (the user's count, no real BLAS, no governor)."""
+    with _governed_lock:
+        return _governed[1] if _governed is not None else 1
+
+
+@contextmanager
+def one_thread_each() -> Iterator[None]:
+    """For work split over ``shared_cores()`` helper threads: the BLAS runs one thread per
+    call meanwhile (each helper's matmuls on its own core), and the governor waits."""
+    with _governed_lock:
+        if _governed is None:
+            yield
+            return
+        path, threads = _governed
+        set_threads(path, 1)
+        try:
+            yield
+        finally:
+            set_threads(path, threads)
 
 
 def set_threads(path: str, threads: int) -> bool:

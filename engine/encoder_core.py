@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from engine import cpu_blas
+from engine.cpu_workers import CpuWorkers, split_even
 from engine.models import pooling
 from engine.models.bert import BertModel, PackedBatch
 from engine.outputs import RequestOutput
@@ -24,6 +26,9 @@ from engine.pooling import PoolingConfig
 from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
+
+# Below this many tokens a batch runs whole: handing parts to helpers costs more than it saves.
+SPLIT_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +90,22 @@ class EncoderCore:
             for r, vector in zip(batch, embeddings, strict=True)
         ]
 
-    def embed(self, sequences: list[list[int]]) -> np.ndarray:
-        """The embeddings [B, D] (float32) of whole token sequences, in one forward pass."""
+    def embed(self, sequences: list[list[int]], parts: int | None = None) -> np.ndarray:
+        """The embeddings [B, D] (float32) of whole token sequences. On the CPU a batch of
+        ``SPLIT_TOKENS`` or more is split into one part per core it may use (``parts``, by
+        default ``cpu_blas.shared_cores()``), each run at once on a helper thread with a
+        one-thread BLAS (``engine.cpu_workers``); otherwise one forward pass."""
+        if parts is None:
+            parts = cpu_blas.shared_cores() if mx.default_device() == mx.cpu else 1
+        if parts > 1 and sum(map(len, sequences)) >= SPLIT_TOKENS:
+            groups = split_even([len(s) for s in sequences], parts)
+            if len(groups) > 1:
+                with cpu_blas.one_thread_each(), CpuWorkers() as workers:
+                    done = workers.map(self._embed, [[sequences[i] for i in g] for g in groups])
+                return np.concatenate(done)
+        return self._embed(sequences)
+
+    def _embed(self, sequences: list[list[int]]) -> np.ndarray:
         batch = PackedBatch.of(sequences)
         hidden = self.model(batch)  # [T, D]
         segments = [pooling.Segment(s, n) for s, n in zip(batch.starts, batch.lengths, strict=True)]

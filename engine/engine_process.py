@@ -9,7 +9,8 @@ model and the step loop; the server's process tokenizes, detokenizes and streams
 
 The two talk over a ``multiprocessing`` pipe (a socket pair; pickled messages):
 
-- server → engine: ``("add", request_id, pickled EngineRequest)``, ``("abort", id)``,
+- server → engine: ``("add", [(request_id, pickled request), ...])`` (requests given together
+  arrive together), ``("abort", id)``,
   ``("train", token, TrainingRun)``, ``("cancel", token)``, ``("stop",)``;
 - engine → server: ``("ready", EngineInfo)`` or ``("error", kind, message)`` once, then
   ``("out", outputs, stats)`` after each step that produced outputs, ``("stats", stats)``
@@ -177,12 +178,13 @@ class EngineProcess:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def add(self, request: Any) -> None:
-        self._open.add(request.request_id)
+    def add(self, *requests: Any) -> None:
+        """Requests to run; those given in one call reach the engine in one message."""
+        self._open.update(r.request_id for r in requests)
         if self._ended is not None:
-            self.publish([_ended_output(request.request_id, self._ended)])
+            self.publish([_ended_output(r.request_id, self._ended) for r in requests])
             return
-        self._send(("add", request.request_id, pickle.dumps(request)))
+        self._send(("add", [(r.request_id, pickle.dumps(r)) for r in requests]))
 
     def abort(self, request_id: str) -> None:
         if self._ended is None:
@@ -318,7 +320,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
                 continue
             kind = message[0]
             if kind == "add":
-                _add(engine, message[1], message[2], send)
+                _add(engine, message[1], send)
             elif kind == "abort":
                 engine.abort(message[1])
             elif kind == "train":
@@ -402,8 +404,7 @@ def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
     path = blas.path
 
     def apply(threads: int, others: float) -> None:
-        cpu_blas.set_threads(path, threads)
-        cpu_blas.note_threads(threads)
+        cpu_blas.govern_threads(path, threads)
         plural = "s" * (threads != 1)
         log.info("cpu blas: %d thread%s (other programs use %.1f cores)", threads, plural, others)
         with contextlib.suppress(OSError):
@@ -412,6 +413,7 @@ def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
     log.info(
         "cpu blas: its threads follow the cores other programs leave free (now %s)", blas.threads
     )
+    cpu_blas.govern_threads(path, blas.threads or 1)
     stop = threading.Event()  # never set: the thread ends with the process
     args = (apply, blas.threads or 1, stop)
     threading.Thread(
@@ -419,15 +421,18 @@ def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
     ).start()
 
 
-def _add(engine, request_id: str, payload: bytes, send: Callable[[tuple], None]) -> None:
-    try:
-        request = pickle.loads(payload)
-    except Exception as e:  # a grammar that does not compile here: that request fails alone
-        log.exception("request %s could not be received", request_id)
-        error = f"{type(e).__name__}: {e}"
-        send(("out", [RequestOutput(request_id, (), True, "abort", error=error)], engine.stats))
-        return
-    engine.add(request)
+def _add(engine, items: list[tuple[str, bytes]], send: Callable[[tuple], None]) -> None:
+    requests, failed = [], []
+    for request_id, payload in items:
+        try:
+            requests.append(pickle.loads(payload))
+        except Exception as e:  # a grammar that does not compile here: that request fails alone
+            log.exception("request %s could not be received", request_id)
+            error = f"{type(e).__name__}: {e}"
+            failed.append(RequestOutput(request_id, (), True, "abort", error=error))
+    if failed:
+        send(("out", failed, engine.stats))
+    engine.add(*requests)
 
 
 def _reporter(

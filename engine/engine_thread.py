@@ -72,8 +72,9 @@ class EngineThread:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, request: EngineRequest) -> None:
-        self._new.put(request)
+    def add(self, *requests: EngineRequest) -> None:
+        """Requests to run; those given in one call reach the core before the same step."""
+        self._new.put(requests)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -148,7 +149,8 @@ class EngineThread:
 
     def _drain_inbox(self) -> list[RequestOutput]:
         while not self._new.empty():
-            self.core.add_request(self._new.get())
+            for request in self._new.get():
+                self.core.add_request(request)
         aborted = []
         while not self._aborts.empty():
             if (out := self.core.abort_request(self._aborts.get())) is not None:

@@ -10,7 +10,6 @@ decoder embedding model.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -173,7 +172,7 @@ class Embedder:
                 self.new_request(f"{base}-{i}", ids, start)
                 for i, ids in enumerate(prepared.token_ids)
             ]
-            outputs = await asyncio.gather(*(self.engine.embed(r) for r in requests))
+            outputs = await self.engine.embed(requests)
             for out in outputs:
                 if out.error:
                     raise RuntimeError(out.error)

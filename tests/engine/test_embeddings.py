@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from engine import encoder_core
 from engine.config import EngineConfig
 from engine.core_group import CoreGroup
 from engine.encoder_core import EncoderCore, EncodeRequest
@@ -108,6 +109,32 @@ def test_bert_packed_batch_equals_transformers_one_by_one(bert):
         np.testing.assert_allclose(got[i], expected, atol=2e-5, err_msg=f"prompt {i}")
 
 
+def test_bert_batch_split_over_helper_threads_equals_it_whole(bert, monkeypatch):
+    """On the CPU a batch goes to one helper per core it may use (engine.cpu_workers): the
+    same embeddings as in one pass, and as transformers'."""
+    import threading
+
+    reference, loaded = bert
+    ps = prompts(14, seed=5, longest=60)
+    assert sum(map(len, ps)) >= encoder_core.SPLIT_TOKENS
+    core = EncoderCore(loaded.model, loaded.pooling, max_batch_tokens=10_000)
+    whole = core.embed(ps, parts=1)
+    threads: list[int] = []
+    embed_part = core._embed
+    monkeypatch.setattr(
+        core, "_embed", lambda s: threads.append(threading.get_ident()) or embed_part(s)
+    )
+    split = core.embed(ps, parts=2)
+    assert len(set(threads)) == 2 and threading.get_ident() not in threads
+    np.testing.assert_allclose(split, whole, atol=1e-6)
+    for i, p in enumerate(ps):
+        expected = reference_pool(hidden_states(reference, p), "mean")
+        np.testing.assert_allclose(split[i], expected, atol=2e-5, err_msg=f"prompt {i}")
+    threads.clear()
+    core.embed(ps[:3], parts=2)  # under SPLIT_TOKENS: whole, on this thread
+    assert threads == [threading.get_ident()]
+
+
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_bert_activations(tmp_path, act):
     reference = build_tiny_bert(tmp_path, hidden_act=act)
@@ -168,3 +195,34 @@ def test_a_chat_stream_waits_at_most_one_encoder_step_while_200_embeddings_arriv
     for i in (0, 57, 199):
         alone = encoder_core.embed([inputs[i]])[0]
         np.testing.assert_allclose(embeddings[f"e{i}"], alone, atol=1e-5)
+
+
+def test_the_inputs_of_one_embed_call_reach_the_encoder_in_one_step(bert, monkeypatch):
+    """However the engine is woken, the inputs of one call are added before its next step
+    (one message to an engine process): one step embeds them all, the budget allowing, not
+    the first alone."""
+    import asyncio
+
+    from engine.async_engine import AsyncEngine
+    from engine.engine_process import EngineSpec
+
+    _, loaded = bert
+    published: list[int] = []
+    publish = AsyncEngine._publish
+    monkeypatch.setattr(
+        AsyncEngine,
+        "_publish",
+        lambda self, outs: published.append(len(outs)) or publish(self, outs),
+    )
+    spec = EngineSpec(model=str(loaded.path), config=EngineConfig(), embedding_batch_tokens=10_000)
+    engine = AsyncEngine(None, process=spec)
+    try:
+        ps = prompts(12, seed=4)
+        for round_ in range(4):
+            requests = [EncodeRequest(f"r{round_}-{i}", p) for i, p in enumerate(ps)]
+            outputs = asyncio.run(engine.embed(requests))
+            assert [o.request_id for o in outputs] == [r.request_id for r in requests]
+            assert all(o.embedding is not None for o in outputs)
+        assert published == [12] * 4
+    finally:
+        engine.shutdown()

@@ -315,3 +315,15 @@ def test_a_decoder_embedding_model_embeds_through_the_paged_engine(tmp_path):
         r = httpx.post(url + "/v1/chat/completions", json=chat)
         assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
         assert not state.engine.core.has_work and state.engine.core.kv.usage == 0
+
+
+def test_a_batch_split_over_helper_threads_equals_sentence_transformers(st_model):
+    """The encoder's batch split over two helper threads (what a CPU server with two free cores
+    does) against sentence-transformers, as the whole batch is."""
+    from engine.encoder_core import EncoderCore
+    from engine.loader.load import load_model
+
+    loaded = load_model(minilm_folder())
+    ids = [st_model.tokenizer(s)["input_ids"] for s in SENTENCES]
+    core = EncoderCore(loaded.model, loaded.pooling, max_batch_tokens=100_000)
+    assert_close(core.embed(ids, parts=2), st_model.encode(SENTENCES))
