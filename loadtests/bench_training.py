@@ -140,13 +140,20 @@ def theirs(folder: Path, data: Path, steps: int, warmup: int, out: Path) -> dict
     (out / "mlx_lm_lora.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         raise RuntimeError(f"mlx_lm lora exited with {run.returncode}:\n{run.stderr[-3000:]}")
-    rates = []  # its table's training rows: iter, loss, trend, tok/s, tokens so far
-    for line in re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr).splitlines():
-        parts = line.split()
-        if len(parts) == 5 and parts[0].isdigit() and parts[1] != "val":
-            rates.append(float(parts[3]))
+    rates = mlx_lm_rates(run.stdout + run.stderr)
     kept = rates[warmup:]
     return {"tokens_per_second": sum(kept) / len(kept), "reports": len(rates)}
+
+
+def mlx_lm_rates(output: str) -> list[float]:
+    """The tok/s of each training row of `mlx_lm.lora`'s table (iter, loss, trend, tok/s,
+    tokens so far; colours stripped, thousands written "2,516")."""
+    rates = []
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", output).splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0].isdigit() and parts[1] != "val":
+            rates.append(float(parts[3].replace(",", "")))
+    return rates
 
 
 def metric(url: str, name: str) -> float:

@@ -18,3 +18,16 @@ def test_bench_training_runs_both_trainers_on_a_tiny_model(tmp_path, capsys, mon
     assert [r["tool"] for r in rows] == ["candlewick", "mlx_lm"]
     assert all(r["tokens_per_second"] > 0 for r in rows)
     assert (tmp_path / "mlx_lm_lora.log").is_file()
+
+
+def test_mlx_lm_rates_reads_its_table_with_thousands_separators():
+    from loadtests.bench_training import mlx_lm_rates
+
+    table = """  iter   train_loss     tok/s     tokens
+     1    val 6.309    0.85s
+     1    6.306 \x1b[32m▼\x1b[0m      551      0.9k
+     2    6.293 ▼    2,516      1.7k
+     3    val 6.272    0.92s
+    10    6.280 ▲   12,040.5    25.1k
+train ██████████████████████████████ 100% ·     3/3"""
+    assert mlx_lm_rates(table) == [551.0, 2516.0, 12040.5]
