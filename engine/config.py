@@ -202,7 +202,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_loras: int = 0  # adapter slots on the device (0: no LoRA support built)
     max_lora_rank: int = 16
-    pipelined: bool = True  # overlap building step N+1 with the device computing step N
+    # Overlap building step N+1 with the device computing step N. None: by device, on a GPU
+    # yes, on the CPU no (engine.engine_core.EngineCore says why).
+    pipelined: bool | None = None
     seed: int = 0  # of the sampler's own key stream (requests without a seed draw from it)
 
     def __post_init__(self) -> None:

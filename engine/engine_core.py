@@ -45,6 +45,15 @@ class EngineCore:
     next step built while the device computes the one before it."""
 
     def __init__(self, model: CausalLM, config: EngineConfig, dtype: mx.Dtype) -> None:
+        # On the CPU the steps do not overlap and the KV pools are head-major. Overlap gains
+        # little there (each layer's decode attention waits for its scores: its softmax runs in
+        # NumPy), and head-major pools make decode ~15% faster at 16 sequences; but with both,
+        # a write sometimes finds the pool still held by the step before and copies it (a
+        # first token up to 300 ms late). Not overlapped: faster first tokens, no copies
+        # (docs/architecture.md, "Decode attention on the CPU").
+        on_cpu = mx.default_device() == mx.cpu
+        if config.pipelined is None:
+            config = replace(config, pipelined=not on_cpu)
         self.config = config
         self.num_blocks = kv_blocks(model, config, dtype)
         lora = slots = None
@@ -53,7 +62,10 @@ class EngineCore:
             slots = SlotTable(config.max_loras)
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, slots)
-        store = PagedKVStore(model.config, self.num_blocks, config.block_size, dtype)
+        head_major = on_cpu and not config.pipelined
+        store = PagedKVStore(
+            model.config, self.num_blocks, config.block_size, dtype, head_major=head_major
+        )
         self.runner = ModelRunner(model, store, lora, seed=config.seed)
         self._in_flight: _InFlight | None = None
         self._failed: list[RequestOutput] = []

@@ -64,7 +64,7 @@ class PagedKVStore:
     """The block pools of every layer: keys and values [num_blocks * block_size, Hkv, D] (slot-
     major, what the GPU kernels read), or with ``head_major`` [Hkv, num_blocks * block_size, D]
     (each KV head's block one contiguous run, so the CPU's decode attention copies whole blocks
-    where it would copy rows; CPU only, off by default: see below).
+    where it would copy rows; CPU only: the engine's choice there, with steps not overlapped).
 
     Block 0 is the null block: padding slots write there and nothing reads it unmasked.
     ``stable_prefill_shapes`` pads prefill attention to a few shapes (`prefill_attention`);
@@ -80,10 +80,10 @@ class PagedKVStore:
         stable_prefill_shapes: bool | None = None,
         head_major: bool = False,
     ):
-        # head_major is off by default: on the CPU it makes decode ~10% faster at 16 sequences,
-        # but the first decode step after a prefill then sometimes fails to update a pool in
-        # place and copies it (125 MiB a layer at the CPU's default budget: first tokens 15-300
-        # ms late; docs/architecture.md, "Decode attention on the CPU").
+        # head_major makes the CPU's decode ~15% faster at 16 sequences; with steps overlapped
+        # (pipelined) a write then sometimes fails to update a pool in place and copies it
+        # (125 MiB a layer at the CPU's default budget: first tokens 15-300 ms late), so the
+        # engine uses it only with steps not overlapped (engine.engine_core.EngineCore).
         self.head_major = head_major
         slots = num_blocks * block_size
         shape = (

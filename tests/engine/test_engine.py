@@ -202,7 +202,7 @@ def test_overlapped_steps_equal_sequential_steps(model):
             EngineRequest(f"r{i}", p, s) for i, (p, s) in enumerate(zip(ps, params, strict=True))
         ]
 
-    overlapped_core = make_core(model)
+    overlapped_core = make_core(model, pipelined=True)  # on the CPU the default is not to
     assert overlapped_core.config.pipelined
     overlapped, _ = run(overlapped_core, reqs())
     sequential, _ = run(make_core(model, pipelined=False), reqs())
@@ -261,3 +261,14 @@ def test_warm_up_writes_only_the_null_block_and_changes_no_tokens(model):
     assert got == want
     for rid in want_lp:
         np.testing.assert_allclose(got_lp[rid], want_lp[rid], rtol=1e-5, atol=1e-5)
+
+
+def test_on_the_cpu_steps_do_not_overlap_and_pools_are_head_major(model):
+    """The CPU's choice (EngineCore): head-major pools with steps not overlapped; a caller
+    who asks for overlapped steps gets slot-major pools (head-major ones would copy)."""
+    assert mx.default_device() == mx.cpu
+    core = make_core(model)
+    assert core.config.pipelined is False and core.scheduler.config.pipelined is False
+    assert core.runner.store.head_major
+    overlapped = make_core(model, pipelined=True)
+    assert overlapped.config.pipelined and not overlapped.runner.store.head_major
