@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from engine.host_head import HostHead
 from engine.lora.device import DeviceLoRA
 from engine.lora.slot_table import SlotLoad
 from engine.models import pooling
@@ -101,6 +102,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.mask_seconds = Histogram()  # time to compute each constrained row's token mask
         self.windows = [layer.window for layer in model.model.layers]
+        self.host_head = HostHead.for_model(model)  # one row's logits by sgemv (CPU)
         self._device_tokens: dict[str, tuple[mx.array, int]] = {}
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
@@ -123,7 +125,11 @@ class ModelRunner:
         if not inputs.sampling:
             mx.async_eval(self.store.state, *pooled.values())
             return InFlightStep(pooled=pooled)
-        logits = self.model.logits(hidden[inputs.logits_indices])  # [R, vocab]
+        rows = hidden[inputs.logits_indices]  # [R, hidden]
+        if self.host_head is not None and rows.shape[0] == 1:
+            logits = self.host_head(rows)
+        else:
+            logits = self.model.logits(rows)  # [R, vocab]
         step = InFlightStep(
             ids=tuple(item.request.request_id for item in inputs.sampling),
             counts=tuple(item.num_sampled for item in inputs.sampling),
