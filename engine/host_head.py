@@ -41,11 +41,9 @@ def cblas_sgemv(library: ctypes.CDLL | None = None) -> Any | None:
 class HostHead:
     """``head(row)``: the logits [1, V] of one hidden row [1, D], as ``W @ row`` by ``sgemv``."""
 
-    def __init__(self, weight: mx.array, sgemv: Any) -> None:
-        mx.eval(weight)
-        self.weight = np.asarray(weight)  # the MLX array's own memory: no copy
-        assert self.weight.flags.c_contiguous and self.weight.dtype == np.float32
-        self.vocab, self.dim = self.weight.shape
+    def __init__(self, weight: np.ndarray, sgemv: Any) -> None:
+        self.weight = weight  # [V, D] float32, C-contiguous (kept: sgemv reads it in place)
+        self.vocab, self.dim = weight.shape
         self._sgemv = sgemv
         self._w = self.weight.ctypes.data_as(_F32_P)
 
@@ -63,10 +61,13 @@ class HostHead:
             layer = getattr(model, "lm_head", None)
             if type(layer) is not nn.Linear or "bias" in layer:
                 return None
-        weight = layer.weight
-        if weight.dtype != mx.float32 or weight.ndim != 2:
+        if layer.weight.dtype != mx.float32 or layer.weight.ndim != 2:
             return None
         if (sgemv := sgemv or cblas_sgemv()) is None:
+            return None
+        mx.eval(layer.weight)
+        weight = np.asarray(layer.weight)  # the MLX array's own memory where it can: no copy
+        if not weight.flags.c_contiguous:
             return None
         return cls(weight, sgemv)
 
