@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from engine.background import Background, Cancellable
 from engine.encoder_core import EncodeRequest
@@ -60,48 +61,53 @@ class AsyncEngine:
     async def generate(
         self, request: EngineRequest | EncodeRequest
     ) -> AsyncIterator[RequestOutput]:
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already running")
-        self._loop = asyncio.get_running_loop()
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request.request_id] = stream
-        self._thread.add(request)
-        finished = False
-        try:
+        with self._opened([request]) as (streams, finished):
+            stream = streams[request.request_id]
             while not finished:
                 output = await stream.get()
                 while not output.finished and not stream.empty():
                     output = output.merge(stream.get_nowait())
-                finished = output.finished
+                if output.finished:
+                    finished.add(request.request_id)
                 yield output
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self._thread.abort(request.request_id)
 
     async def embed(self, requests: Sequence[EngineRequest | EncodeRequest]) -> list[RequestOutput]:
         """Pooling requests' one output each (an embedding, or an error or abort), in order.
         They reach the engine together, so its next step sees all of them (as many as its
         token budget takes), not the first alone. Leaving early aborts those not finished."""
-        ids = [r.request_id for r in requests]
-        if len(set(ids)) < len(ids) or any(i in self._streams for i in ids):
-            raise ValueError("request ids must be unique and not already running")
-        self._loop = asyncio.get_running_loop()
-        streams: dict[str, asyncio.Queue[RequestOutput]] = {i: asyncio.Queue() for i in ids}
-        self._streams.update(streams)
         done: dict[str, RequestOutput] = {}
-        try:
-            self._thread.add(*requests)
+        with self._opened(requests) as (streams, finished):
             for request_id, stream in streams.items():
                 while not (output := await stream.get()).finished:
                     pass
                 done[request_id] = output
+                finished.add(request_id)
+        return [done[r.request_id] for r in requests]
+
+    @contextlib.contextmanager
+    def _opened(
+        self, requests: Sequence[EngineRequest | EncodeRequest]
+    ) -> Iterator[tuple[dict[str, asyncio.Queue[RequestOutput]], set[str]]]:
+        """Each request's output queue, the requests added to the engine in one call, and the
+        set of those the caller saw finish: on leaving, the others are aborted (the caller went
+        away) and every queue is dropped."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"request ids repeat within one call: {ids}")
+        if running := [i for i in ids if i in self._streams]:
+            raise ValueError(f"request id {running[0]!r} is already running")
+        self._loop = asyncio.get_running_loop()
+        streams: dict[str, asyncio.Queue[RequestOutput]] = {i: asyncio.Queue() for i in ids}
+        self._streams.update(streams)
+        finished: set[str] = set()
+        try:
+            self._thread.add(*requests)
+            yield streams, finished
         finally:
             for request_id in ids:
                 self._streams.pop(request_id, None)
-                if request_id not in done:
+                if request_id not in finished:
                     self._thread.abort(request_id)
-        return [done[i] for i in ids]
 
     @property
     def warmed(self) -> bool:

@@ -410,12 +410,11 @@ def _govern_blas_threads(send: Callable[[tuple], None]) -> None:
         with contextlib.suppress(OSError):
             send(("blas_threads", threads))
 
-    log.info(
-        "cpu blas: its threads follow the cores other programs leave free (now %s)", blas.threads
-    )
-    cpu_blas.govern_threads(path, blas.threads or 1)
+    start = blas.threads or 1
+    log.info("cpu blas: its threads follow the cores other programs leave free (now %s)", start)
+    cpu_blas.govern_threads(path, start)
     stop = threading.Event()  # never set: the thread ends with the process
-    args = (apply, blas.threads or 1, stop)
+    args = (apply, start, stop)
     threading.Thread(
         target=cpu_threads.govern, args=args, name="candlewick-blas-threads", daemon=True
     ).start()
