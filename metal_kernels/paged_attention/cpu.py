@@ -123,15 +123,15 @@ def paged_decode_attention_head_major(
     num_blocks = num_slots // block_size
     host = _softmax_on_host(q)
     rows, visible = _step_index(block_tables, seq_lens, block_size, Hkv, window, num_blocks, host)
-    n = block_tables.shape[1]
-    keys = k_pool.reshape(Hkv * num_blocks, block_size * D)[rows].reshape(B, Hkv, n * block_size, D)
-    values = v_pool.reshape(Hkv * num_blocks, block_size * D)[rows]
-    return _attend(q, keys, values.reshape(B, Hkv, n * block_size, D), visible, seq_lens, scale)
+    blocks, width = (Hkv * num_blocks, block_size * D), block_tables.shape[1] * block_size
+    keys = k_pool.reshape(blocks)[rows].reshape(B, Hkv, width, D)
+    values = v_pool.reshape(blocks)[rows].reshape(B, Hkv, width, D)
+    return _attend(q, keys, values, visible, seq_lens, scale)
 
 
 def _attend(
-    q: mx.array, keys: mx.array, values: mx.array, visible: mx.array, seq_lens: mx.array,
-    scale: float,
+    q: mx.array, keys: mx.array, values: mx.array, visible: mx.array | np.ndarray,
+    seq_lens: mx.array, scale: float,
 ) -> mx.array:  # fmt: skip
     """q [B, H, 1, D] against keys and values [B, Hkv, L, D], positions ``visible``."""
     B, H, _, D = q.shape
