@@ -237,8 +237,8 @@ def test_a_cpu_step_computes_rope_tables_once_for_every_layer(model, monkeypatch
 
 
 def test_the_cpu_head_major_store_and_the_gpu_slot_major_store_give_the_same_steps(model):
-    """Pools kept head-major ([Hkv, slots, D], a CPU option) and the GPU kernels' slot-major
-    layout (the default) run the same steps on the CPU: chunked prefills reading earlier
+    """Pools kept head-major ([Hkv, slots, D], the CPU's layout) and the GPU kernels' slot-major
+    one run the same steps on the CPU: chunked prefills reading earlier
     blocks, decodes, prefix-cache hits, with the same tokens, and logprobs and keys in every
     slot equal to float32 rounding."""
     from engine.models.paged import PagedKVStore
