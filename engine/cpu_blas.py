@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from engine import blas_rows
+
 WHEEL = "ngsolve-openblas==0.3.33.post1"  # the pin in pyproject.toml (a test checks they agree)
 MARKER = "CANDLEWICK_BLAS_PRELOADED"  # set in the re-executed process: never re-execute twice
 # Set in the re-executed process when the BLAS thread count is ours to choose (the user set none)
@@ -126,26 +128,31 @@ def default_locations() -> tuple[list[Path], Path, list[Path]]:
     return [Path(s) for s in sorted(sites)], Path(sys.prefix), [Path(s) for s in system]
 
 
-def alias_dir(aliases: tuple[tuple[str, Path], ...]) -> Path:
-    """A folder of links named as a library's dependencies ask (libgfortran.so.5) to the files
-    that provide them under another name, for LD_LIBRARY_PATH. Kept in the user's cache."""
+def cache_folder(name: str) -> Path:
+    """A writable folder of ours for start-up files: the user's cache, else a temporary one."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folders = (cache / "candlewick" / "blas-libs", lambda: Path(tempfile.mkdtemp("-candlewick")))
-    for folder in folders:
+    for folder in (cache / "candlewick" / name, lambda: Path(tempfile.mkdtemp("-candlewick"))):
         try:
             folder = folder() if callable(folder) else folder
             folder.mkdir(parents=True, exist_ok=True)
-            for name, target in aliases:
-                link = folder / name
-                if not (link.is_symlink() and link.resolve() == target.resolve()):
-                    tmp = folder / f".{name}.{os.getpid()}"
-                    tmp.unlink(missing_ok=True)
-                    tmp.symlink_to(target)
-                    tmp.replace(link)  # atomic: a concurrent start sees the old or new link
             return folder
         except OSError:
             continue
-    raise OSError("no writable folder for the BLAS library links")
+    raise OSError(f"no writable folder for {name}")
+
+
+def alias_dir(aliases: tuple[tuple[str, Path], ...]) -> Path:
+    """A folder of links named as a library's dependencies ask (libgfortran.so.5) to the files
+    that provide them under another name, for LD_LIBRARY_PATH. Kept in the user's cache."""
+    folder = cache_folder("blas-libs")
+    for name, target in aliases:
+        link = folder / name
+        if not (link.is_symlink() and link.resolve() == target.resolve()):
+            tmp = folder / f".{name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target)
+            tmp.replace(link)  # atomic: a concurrent start sees the old or new link
+    return folder
 
 
 def usable_cores() -> int:
@@ -163,19 +170,26 @@ def default_threads() -> int:
 
 
 def plan_preload(
-    environ: Mapping[str, str], candidate: BlasCandidate | None, preloaded: bool
+    environ: Mapping[str, str],
+    candidate: BlasCandidate | None,
+    preloaded: bool,
+    rows: Path | None = None,
 ) -> dict[str, str] | None:
     """The environment to re-execute with, or None when this process should run as it is: not
     Linux, already re-executed (MARKER), a CBLAS already in the global scope (``preloaded``: the
     user's LD_PRELOAD), or nothing to preload. Threads: the library's own variable, when unset,
-    becomes `default_threads()`."""
+    becomes `default_threads()`. ``rows``: the `engine.blas_rows` shim, preloaded ahead of the
+    BLAS and told which library that is."""
     if not sys.platform.startswith("linux") or environ.get(MARKER) or preloaded:
         return None
     if candidate is None or not candidate.path.is_file():
         return None
     env = dict(environ)
     env[MARKER] = candidate.source
-    env["LD_PRELOAD"] = " ".join([str(candidate.path), *environ.get("LD_PRELOAD", "").split()])
+    ours = [str(rows), str(candidate.path)] if rows is not None else [str(candidate.path)]
+    env["LD_PRELOAD"] = " ".join([*ours, *environ.get("LD_PRELOAD", "").split()])
+    if rows is not None:
+        env[blas_rows.TARGET] = str(candidate.path)
     dirs = [str(d) for d in candidate.library_dirs]
     if candidate.aliases:
         dirs.insert(0, str(alias_dir(candidate.aliases)))
@@ -195,7 +209,10 @@ def reexec_with_blas() -> None:
     if candidate and candidate.source == "CANDLEWICK_BLAS" and not candidate.path.is_file():
         raise FileNotFoundError(f"CANDLEWICK_BLAS={candidate.path}: no such library file")
     try:
-        env = plan_preload(environ, candidate, preloaded=global_cblas() is not None)
+        rows = None
+        if candidate is not None and environ.get(blas_rows.SWITCH, "").strip().lower() not in OFF:
+            rows = blas_rows.build(cache_folder("blas-rows"))
+        env = plan_preload(environ, candidate, preloaded=global_cblas() is not None, rows=rows)
     except OSError as e:  # no folder for the library links: run on, and `check` says so
         print(f"candlewick: cannot preload {candidate.path}: {e}", file=sys.stderr)
         return
@@ -298,6 +315,7 @@ class BlasReport:
     threads: int | None
     gemm_gflops: float  # float32 512x512x512 on mx.cpu, best of a few runs
     fix: str | None = None  # the command that brings a real BLAS, when running without one
+    sgemv_rows: int = 0  # products of up to this many rows go by sgemv (`engine.blas_rows`)
 
     def summary(self) -> str:
         rate = f"float32 GEMM {self.gemm_gflops:.1f} GFLOP/s"
@@ -308,8 +326,10 @@ class BlasReport:
                 line += f"BLAS); for a real BLAS run: {self.fix}"
             return line
         threads = f", {self.threads} thread{'s' * (self.threads != 1)}" if self.threads else ""
+        rows = f", products of up to {self.sgemv_rows} rows by sgemv" if self.sgemv_rows else ""
         return (
-            f"candlewick: cpu blas: {self.library} ({self.source}{threads}), {rate} [{self.path}]"
+            f"candlewick: cpu blas: {self.library} ({self.source}{threads}), {rate}{rows} "
+            f"[{self.path}]"
         )
 
     def as_dict(self) -> dict:
@@ -336,6 +356,9 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     environ = os.environ if environ is None else environ
     maps = Path("/proc/self/maps").read_text()
     address = global_cblas()
+    shim = blas_rows.loaded()  # MLX's sgemm goes through the row shim first: report its BLAS
+    if shim is not None:
+        address = shim[0]
     path = mapped_file(address, maps) if address is not None else None
     if path is None:
         source, library, threads = "bundled", "reference BLAS", None
@@ -348,7 +371,8 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     # set) its preload failed; then installing it afresh is the fix to offer.
     found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
     fix = None if source != "bundled" or off else fix_command(found)
-    _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix)
+    rows = blas_rows.MAX_ROWS if shim is not None else 0
+    _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix, rows)
     return _report
 
 

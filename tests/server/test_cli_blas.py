@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import cpu_blas
+from engine import blas_rows, cpu_blas
 from tests.server.fixtures import write_tiny_model
 from tests.server.test_admission import free_port
 from tests.server.test_embeddings_api import minilm_folder
@@ -89,13 +89,19 @@ def test_serve_reexecutes_once_with_the_blas_mapped_and_reported(tmp_path):
     # the command as typed, then once with the BLAS preloaded; the processes it starts (the
     # engine's, multiprocessing's resource tracker) inherit the preload and never re-execute
     assert lines[0] == "" and len(lines) >= 3, lines
-    assert all(line.split()[0] == str(FOUND.path) for line in lines[1:]), lines
+    # the row shim first where this machine has a C compiler, the BLAS right behind it
+    rows = tmp_path / "cache/candlewick/blas-rows"  # built there by the CLI: found, not rebuilt
+    shim = [str(blas_rows.build(rows))] if blas_rows.compiler() else []
+    assert all(line.split()[:-1] == shim for line in lines[1:]), lines
+    assert all(line.split()[-1] == str(FOUND.path) for line in lines[1:]), lines
     real = os.path.realpath(FOUND.path)
     assert real in cpu_blas.mapped_files(maps)
     assert any(real in cpu_blas.mapped_files(m) for m in child_maps)  # the engine's matmuls
+    assert all(set(shim) <= set(cpu_blas.mapped_files(m)) for m in child_maps)
     blas = health["cpu_blas"]
     assert os.path.realpath(blas["path"]) == real and blas["source"] == FOUND.source
     assert blas["gemm_gflops"] > 0 and blas["fix"] is None
+    assert blas["sgemv_rows"] == (blas_rows.MAX_ROWS if shim else 0)
     assert f"cpu blas: {blas['library']} ({FOUND.source}" in output
 
 
