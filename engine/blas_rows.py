@@ -1,100 +1,59 @@
-"""Products of one or two rows by `cblas_sgemv` instead of `cblas_sgemm`, under MLX on Linux.
+"""Products of few rows by candlewick's own routes instead of `cblas_sgemm`, under MLX on Linux.
 
 MLX's CPU matmul always calls `cblas_sgemm`, and OpenBLAS's sgemm copies ("packs") the whole
-weight matrix into its own layout on every call. For a decode step of one sequence that product
-is a matrix-vector one: the packing doubles the bytes read (measured on a 2-core EPYC, the 56
-layer products of a 50M llama: 7.4 ms by sgemm, 5.6 ms by sgemv, and its 32000-row head 5.1
-against 2.4 ms). sgemv reads the weight once, in place. At two rows, two sgemv calls still win
-(7.1 against 8.2 ms); at three they tie, and from four rows sgemm is faster.
+weight matrix into its own layout on every call, then multiplies. For a decode step (`x @ W.T`
+with a row of x per sequence) the packing costs as much as the product, and reads W twice.
+Measured on a 2-core EPYC, the 56 layer products of a 50M llama, 2 threads:
 
-MLX offers no way to choose, so this is a small library of our own, compiled from `SOURCE` with
-the machine's C compiler into the user's cache once, and preloaded by the CLI ahead of the BLAS
-(`engine.cpu_blas.plan_preload`). It defines `cblas_sgemm`, which the dynamic linker then binds
-MLX to; products of up to `MAX_ROWS` rows go to the BLAS's `cblas_sgemv` a row at a time, every
-other call to the BLAS's own `cblas_sgemm` unchanged. The BLAS is the library that
-`CANDLEWICK_ROWS_BLAS` names (the one preloaded after it). Where no C compiler is found, the CLI
-preloads the BLAS alone.
+| rows of x | sgemm | ours |
+| ---: | ---: | ---: |
+| 1 | 8.1-8.7 ms | 5.8-7.6 ms (sgemv) |
+| 2 | 8.8-9.9 | 5.6-6.5 (kernel) |
+| 4 | 8.7-9.1 | 5.7-7.8 |
+| 8 | 9.6-10.5 | 5.9-7.3 |
+| 16 | 12.3-13.0 | 6.6-7.6 |
+| 32 | 16.5-18.2 | (sgemm; a two-vector kernel took 14-24 ms: not used) |
+
+So `blas_rows.c` is a small library of our own: one row goes to the BLAS's `cblas_sgemv`, 2 to
+`SMALL_ROWS` rows of `x @ W.T` to a kernel that streams W once, unpacked, over the BLAS's thread
+count (see the C file), products of up to `MAX_ROWS` rows in other layouts to sgemv a row at a
+time, everything else to the BLAS's own `cblas_sgemm` unchanged. The CLI compiles it with the
+machine's C compiler (`-O3 -march=native`) into the user's cache once, and preloads it ahead of
+the BLAS (`engine.cpu_blas.plan_preload`): the dynamic linker binds MLX's `cblas_sgemm` to it.
+The BLAS it forwards to is the library `CANDLEWICK_ROWS_BLAS` names (the one preloaded after
+it). Where no C compiler is found, the CLI preloads the BLAS alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-MAX_ROWS = 2
+MAX_ROWS = 2  # as in blas_rows.c: other layouts of up to 2 rows go by sgemv
 TARGET = "CANDLEWICK_ROWS_BLAS"  # the BLAS library the shim forwards to
 SWITCH = "CANDLEWICK_BLAS_ROWS"  # "off": preload the BLAS without the shim
 
-SOURCE = r"""
-#include <dlfcn.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+SOURCE_FILE = Path(__file__).with_name("blas_rows.c")
+SMALL_ROWS = 16  # as in blas_rows.c: products of 2..16 rows of `x @ W.T` go to its kernel
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { MAX_ROWS = @MAX_ROWS@ };
 
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
-                         const float *, int, float, float *, int);
-typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
-                         float, float *, int);
-
-static sgemm_fn real_sgemm;
-static sgemv_fn real_sgemv;
-static pthread_once_t bound = PTHREAD_ONCE_INIT;
-static unsigned long long by_rows;
-
-static void bind(void) {
-  const char *path = getenv("@TARGET@");
-  void *lib = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
-  void *scope = lib ? lib : RTLD_NEXT;
-  real_sgemm = (sgemm_fn)dlsym(scope, "cblas_sgemm");
-  real_sgemv = (sgemv_fn)dlsym(scope, "cblas_sgemv");
-  if (!real_sgemm) {
-    fprintf(stderr, "candlewick: the BLAS row shim found no cblas_sgemm (@TARGET@=%s)\n",
-            path ? path : "");
-    abort();
-  }
-}
-
-void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                 const float *a, int lda, const float *b, int ldb, float beta, float *c,
-                 int ldc) {
-  pthread_once(&bound, bind);
-  if (order != ROW_MAJOR || m > MAX_ROWS || k <= 0 || !real_sgemv) {
-    real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  /* Row i of C = alpha * (row i of op(A)) @ op(B) + beta * C: op(B) transposed times a vector. */
-  for (int i = 0; i < m; i++) {
-    const float *x = trans_a == NO_TRANS ? a + (long)i * lda : a + i;
-    int incx = trans_a == NO_TRANS ? 1 : lda;
-    float *y = c + (long)i * ldc;
-    if (beta == 0.0f) memset(y, 0, sizeof(float) * (size_t)n); /* C may hold NaN bytes */
-    if (trans_b == NO_TRANS) /* B is [k, n] */
-      real_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
-    else /* B is [n, k] */
-      real_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
-  }
-  __atomic_fetch_add(&by_rows, 1, __ATOMIC_RELAXED);
-}
-
-/* For candlewick's checks: the BLAS's own sgemm, and how many products went by sgemv. */
-void *candlewick_rows_sgemm(void) {
-  pthread_once(&bound, bind);
-  return (void *)real_sgemm;
-}
-
-unsigned long long candlewick_rows_calls(void) {
-  return __atomic_load_n(&by_rows, __ATOMIC_RELAXED);
-}
-""".replace("@MAX_ROWS@", str(MAX_ROWS)).replace("@TARGET@", TARGET)
+def machine() -> str:
+    """What the build is for: `-march=native` code runs only where its instruction set does,
+    and a cache folder can be shared between machines (a network home)."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    return f"{platform.machine()} {flags}"
 
 
 def compiler() -> str | None:
@@ -104,10 +63,12 @@ def compiler() -> str | None:
 
 
 def build(folder: Path) -> Path | None:
-    """The shim library for this `SOURCE` in ``folder``, compiled there on first use (about
-    0.1 s); None when there is no compiler or it fails. Safe against concurrent starts: each
-    compiles to its own file and renames it into place."""
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    """The shim library for this source and machine in ``folder``, compiled there on first use
+    (about 0.3 s) for this machine's instruction set (or, where the compiler cannot tell it,
+    for the generic one); None when there is no compiler or it fails. Safe against concurrent
+    starts: each compiles to its own file and renames it into place."""
+    source = SOURCE_FILE.read_text()
+    digest = hashlib.sha256(f"{source}\0{machine()}".encode()).hexdigest()[:16]
     target = folder / f"candlewick-rows-{digest}.so"
     if target.is_file():
         return target
@@ -115,17 +76,19 @@ def build(folder: Path) -> Path | None:
     if cc is None:
         return None
     with tempfile.TemporaryDirectory(dir=folder) as work:
-        source, out = Path(work) / "rows.c", Path(work) / "rows.so"
-        source.write_text(SOURCE)
-        argv = [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ldl", "-lpthread"]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if done.returncode != 0 or not out.is_file():
-            return None
-        os.replace(out, target)
-    return target
+        out = Path(work) / "rows.so"
+        for arch in (["-march=native"], []):
+            argv = [cc, "-O3", *arch, "-shared", "-fPIC", "-o", str(out), str(SOURCE_FILE)]
+            try:
+                done = subprocess.run(
+                    [*argv, "-ldl", "-lpthread"], capture_output=True, text=True, timeout=120
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            if done.returncode == 0 and out.is_file():
+                os.replace(out, target)
+                return target
+    return None
 
 
 def loaded() -> tuple[int, ctypes.CDLL] | None:
@@ -139,11 +102,17 @@ def loaded() -> tuple[int, ctypes.CDLL] | None:
     return scope.candlewick_rows_sgemm(), scope
 
 
-def calls() -> int:
-    """Products the shim has answered by sgemv in this process (0 without it)."""
+WAYS = {"sgemv": "rows", "kernel": "kernel", "pool": "pool"}  # way -> candlewick_<x>_calls
+
+
+def calls() -> dict[str, int]:
+    """Products the shim has answered in this process, by way: ``sgemv``, ``kernel``, and of
+    those ``pool`` (split over threads); all 0 without it."""
     found = loaded()
-    if found is None:
-        return 0
-    scope = found[1]
-    scope.candlewick_rows_calls.restype = ctypes.c_ulonglong
-    return scope.candlewick_rows_calls()
+    counts = dict.fromkeys(WAYS, 0)
+    if found is not None:
+        for way, name in WAYS.items():
+            counter = getattr(found[1], f"candlewick_{name}_calls")
+            counter.restype = ctypes.c_ulonglong
+            counts[way] = counter()
+    return counts

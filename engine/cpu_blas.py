@@ -315,7 +315,7 @@ class BlasReport:
     threads: int | None
     gemm_gflops: float  # float32 512x512x512 on mx.cpu, best of a few runs
     fix: str | None = None  # the command that brings a real BLAS, when running without one
-    sgemv_rows: int = 0  # products of up to this many rows go by sgemv (`engine.blas_rows`)
+    own_rows: int = 0  # products of up to this many rows go our ways (`engine.blas_rows`)
 
     def summary(self) -> str:
         rate = f"float32 GEMM {self.gemm_gflops:.1f} GFLOP/s"
@@ -326,7 +326,7 @@ class BlasReport:
                 line += f"BLAS); for a real BLAS run: {self.fix}"
             return line
         threads = f", {self.threads} thread{'s' * (self.threads != 1)}" if self.threads else ""
-        rows = f", products of up to {self.sgemv_rows} rows by sgemv" if self.sgemv_rows else ""
+        rows = f", products of up to {self.own_rows} rows by candlewick's" if self.own_rows else ""
         return (
             f"candlewick: cpu blas: {self.library} ({self.source}{threads}), {rate}{rows} "
             f"[{self.path}]"
@@ -371,7 +371,7 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     # set) its preload failed; then installing it afresh is the fix to offer.
     found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
     fix = None if source != "bundled" or off else fix_command(found)
-    rows = blas_rows.MAX_ROWS if shim is not None else 0
+    rows = blas_rows.SMALL_ROWS if shim is not None else 0
     _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix, rows)
     return _report
 

@@ -1,6 +1,7 @@
-"""The row shim (`engine.blas_rows`): built once with the machine's compiler, and under MLX it
-gives the same products as NumPy for every layout MLX passes to `cblas_sgemm`, answering those
-of up to `MAX_ROWS` rows by sgemv and the rest by the BLAS's sgemm."""
+"""The row shim (`engine.blas_rows`): built once per machine with its compiler, and under MLX
+it gives the same products as NumPy (float64) for every layout MLX passes to `cblas_sgemm`,
+answering `x @ W.T` of 2..`SMALL_ROWS` rows by its own kernel, other products of up to
+`MAX_ROWS` rows by sgemv and the rest by the BLAS's sgemm, each as counted."""
 
 from __future__ import annotations
 
@@ -26,39 +27,56 @@ from engine import blas_rows, cpu_blas
 
 report = cpu_blas.check()
 rng = np.random.default_rng(0)
-errors, expected = {}, 0
+errors, expected = {}, {"sgemv": 0, "kernel": 0, "pool": 0}
 before = blas_rows.calls()
-for m in (1, 2, 3, 7):
+
+
+def way(m, n, transposed_weight):
+    if transposed_weight and 2 <= m <= blas_rows.SMALL_ROWS and n >= 8:
+        return "kernel"
+    return "sgemv" if m <= blas_rows.MAX_ROWS else None
+
+
+# every layout: a transposed operand reaches sgemm as CblasTrans with its leading dimension;
+# n = 37 leaves 5 columns past the kernel's blocks of 8, n = 1536 splits over the threads
+for m, k, n in [(1, 70, 33), (2, 70, 33), (3, 70, 37), (7, 70, 33), (16, 512, 1536),
+                (16, 3, 37), (17, 70, 33)]:
     for ta in (False, True):
         for tb in (False, True):
-            a = rng.standard_normal((m, 70)).astype(np.float32)
-            b = rng.standard_normal((70, 33)).astype(np.float32)
-            # a transposed operand reaches sgemm as CblasTrans with its own leading dimension
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
             A = mx.array(np.ascontiguousarray(a.T)).T if ta else mx.array(a)
             B = mx.array(np.ascontiguousarray(b.T)).T if tb else mx.array(b)
             got = np.array(A @ B)
-            errors[f"{m} {ta} {tb}"] = float(np.abs(got - a.astype(np.float64) @ b).max())
-            expected += m <= blas_rows.MAX_ROWS
-# alpha and beta (C read, not overwritten), and a batch of one-row products
-c = rng.standard_normal((1, 33)).astype(np.float32)
-a = rng.standard_normal((1, 70)).astype(np.float32)
-b = rng.standard_normal((70, 33)).astype(np.float32)
-got = np.array(mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=2.0, beta=0.5))
-errors["addmm"] = float(np.abs(got - (0.5 * c + 2.0 * (a.astype(np.float64) @ b))).max())
-expected += 1
+            errors[f"{m}x{k}x{n} {ta} {tb}"] = float(np.abs(got - a.astype(np.float64) @ b).max())
+            if w := way(m, n, tb):
+                expected[w] += 1
+                # split over threads where each gets two blocks of 8 columns at least
+                expected["pool"] += w == "kernel" and (n + 7) // 8 >= 4
+# alpha and beta (C read, not overwritten), by sgemv and by the kernel
+for m in (1, 4):
+    c = rng.standard_normal((m, 33)).astype(np.float32)
+    a = rng.standard_normal((m, 70)).astype(np.float32)
+    w = rng.standard_normal((33, 70)).astype(np.float32)
+    got = np.array(mx.addmm(mx.array(c), mx.array(a), mx.array(w).T, alpha=2.0, beta=0.5))
+    errors[f"addmm {m}"] = float(np.abs(got - (0.5 * c + 2.0 * (a.astype(np.float64) @ w.T))).max())
+    expected[way(m, 33, True)] += 1
+    expected["pool"] += way(m, 33, True) == "kernel"
+# a batch of one-row products: one sgemm call per batch entry
 x = rng.standard_normal((5, 1, 70)).astype(np.float32)
 w = rng.standard_normal((5, 70, 9)).astype(np.float32)
 got = np.array(mx.array(x) @ mx.array(w))
 errors["batched"] = float(np.abs(got - x.astype(np.float64) @ w).max())
-expected += 5  # one sgemm call per batch entry
-calls = blas_rows.calls() - before
+expected["sgemv"] += 5
+after = blas_rows.calls()
+calls = {way: after[way] - before[way] for way in after}
 # MLX's head product already goes by sgemv: the host head stands aside
 import mlx.nn as nn
 from engine.host_head import HostHead, cblas_sgemv
 from tests.engine.test_host_head import head_model
 head = HostHead.for_model(head_model(nn.Linear(8, 16, bias=False)), cblas_sgemv())
 print(json.dumps({"errors": errors, "calls": calls, "expected": expected,
-                  "rows": report.sgemv_rows, "path": report.path, "host_head": head is not None}))
+                  "rows": report.own_rows, "path": report.path, "host_head": head is not None}))
 """
 
 
@@ -76,7 +94,7 @@ def test_built_once_per_source_and_declined_without_a_compiler(tmp_path, monkeyp
 
 
 def test_without_the_shim_nothing_is_counted():
-    assert blas_rows.loaded() is None and blas_rows.calls() == 0
+    assert blas_rows.loaded() is None and blas_rows.calls() == {"sgemv": 0, "kernel": 0, "pool": 0}
 
 
 @needs_cc
@@ -88,6 +106,7 @@ def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monke
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
     env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=shim)
     env["PYTHONPATH"] = str(ROOT)
+    env["OPENBLAS_NUM_THREADS"] = "3"  # the kernel's own threads: as many as the BLAS's
     out = subprocess.run(
         [sys.executable, "-c", PRODUCTS], env=env, cwd=ROOT, capture_output=True, text=True,
         timeout=120,
@@ -95,7 +114,7 @@ def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monke
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert max(result["errors"].values()) < 1e-4, result["errors"]
-    assert result["calls"] == result["expected"] > 0
-    assert result["rows"] == blas_rows.MAX_ROWS
+    assert result["calls"] == result["expected"], result
+    assert result["rows"] == blas_rows.SMALL_ROWS
     assert os.path.realpath(result["path"]) == os.path.realpath(FOUND.path)  # the BLAS, not us
     assert result["host_head"] is False

@@ -101,7 +101,7 @@ def test_serve_reexecutes_once_with_the_blas_mapped_and_reported(tmp_path):
     blas = health["cpu_blas"]
     assert os.path.realpath(blas["path"]) == real and blas["source"] == FOUND.source
     assert blas["gemm_gflops"] > 0 and blas["fix"] is None
-    assert blas["sgemv_rows"] == (blas_rows.MAX_ROWS if shim else 0)
+    assert blas["own_rows"] == (blas_rows.SMALL_ROWS if shim else 0)
     assert f"cpu blas: {blas['library']} ({FOUND.source}" in output
 
 

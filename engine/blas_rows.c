@@ -1,0 +1,267 @@
+/* candlewick's cblas_sgemm for products of few rows, preloaded ahead of the BLAS (see
+ * engine/blas_rows.py for why and how it is built and loaded).
+ *
+ * MLX's CPU matmul calls cblas_sgemm for every product. For `x @ W.T` with few rows of x (a
+ * decode step), OpenBLAS's sgemm spends as long copying ("packing") W into its own layout as
+ * multiplying, and reads W twice. Here:
+ *   - one row:            the BLAS's cblas_sgemv (reads W once, in place, with its threads);
+ *   - 2..SMALL_ROWS rows, W given as [n, k] rows (trans_b, the `x @ W.T` of a linear layer):
+ *                         our kernel below, which streams W once from memory, unpacked;
+ *   - 2..MAX_GEMV_ROWS rows in any other layout: sgemv a row at a time;
+ *   - everything else:    the BLAS's own cblas_sgemm, unchanged.
+ *
+ * The kernel: x (at most LANE rows) is transposed into a zero-padded [k, LANE] panel, and for
+ * each block of NB rows of W, NB vector accumulators (one per row of W, a lane per row of x)
+ * gather W[n, kk] * panel[kk, :] over kk: one scalar broadcast of W and one vector load of the
+ * panel per fused multiply-add, no reduction across lanes, and W read once, in order, with the
+ * next block prefetched. The BLAS's thread count (which candlewick governs) decides how many
+ * threads share the blocks of W: a small pool of our own, spinning briefly between products and
+ * then sleeping on a futex. */
+
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { MAX_GEMV_ROWS = 2, LANE = 16, SMALL_ROWS = LANE, NB = 8, MAX_THREADS = 64, SPINS = 4000 };
+
+typedef float vec __attribute__((vector_size(4 * LANE)));
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+typedef int (*threads_fn)(void);
+
+static sgemm_fn real_sgemm;
+static sgemv_fn real_sgemv;
+static threads_fn blas_threads;
+static pthread_once_t bound = PTHREAD_ONCE_INIT;
+static unsigned long long by_rows, by_kernel, by_pool;
+
+static void bind(void) {
+  const char *path = getenv("CANDLEWICK_ROWS_BLAS");
+  void *lib = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
+  void *scope = lib ? lib : RTLD_NEXT;
+  real_sgemm = (sgemm_fn)dlsym(scope, "cblas_sgemm");
+  real_sgemv = (sgemv_fn)dlsym(scope, "cblas_sgemv");
+  blas_threads = (threads_fn)dlsym(scope, "openblas_get_num_threads");
+  if (!blas_threads) blas_threads = (threads_fn)dlsym(scope, "MKL_Get_Max_Threads");
+  if (!real_sgemm) {
+    fprintf(stderr, "candlewick: the BLAS row shim found no cblas_sgemm (CANDLEWICK_ROWS_BLAS=%s)\n",
+            path ? path : "");
+    abort();
+  }
+}
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ volatile("yield");
+#endif
+}
+
+/* ---- the kernel ---------------------------------------------------------------------------- */
+
+struct product {
+  int m, n, k;
+  float alpha, beta;
+  const float *panel; /* [k, LANE]: x transposed, zero-padded */
+  const float *w;     /* [n, k] with row stride ldw */
+  int ldw;
+  float *c; /* [m, n] with row stride ldc */
+  int ldc;
+};
+
+static inline void store(const struct product *p, int n, int j, int m, float acc) {
+  float *out = p->c + (long)m * p->ldc + n + j;
+  *out = p->beta == 0.0f ? p->alpha * acc : p->alpha * acc + p->beta * *out;
+}
+
+/* Columns [n0, n1) of C: NB rows of W a block (NB accumulators of LANE rows of x each, the
+ * panel's vector and a broadcast: in the vector registers), then what is left one by one. */
+static void columns(const struct product *p, int n0, int n1) {
+  const int ldw = p->ldw, k = p->k;
+  int n = n0;
+  for (; n + NB <= n1; n += NB) {
+    const float *w = p->w + (long)n * ldw;
+    const int ahead = n + 2 * NB <= n1;
+    vec acc[NB];
+    for (int j = 0; j < NB; j++) acc[j] = (vec){0};
+    for (int kk = 0; kk < k; kk++) {
+      vec x;
+      memcpy(&x, p->panel + (long)kk * LANE, sizeof(x));
+      if (ahead && (kk % LANE) == 0) /* the next block's rows, a cache line each */
+        for (int j = 0; j < NB; j++) __builtin_prefetch(w + (long)(NB + j) * ldw + kk, 0, 0);
+      for (int j = 0; j < NB; j++) acc[j] += w[(long)j * ldw + kk] * x;
+    }
+    float sums[NB][LANE]; /* out of the registers only now, so that acc stays in them above */
+    memcpy(sums, acc, sizeof(sums));
+    for (int j = 0; j < NB; j++)
+      for (int m = 0; m < p->m; m++) store(p, n, j, m, sums[j][m]);
+  }
+  for (; n < n1; n++)
+    for (int m = 0; m < p->m; m++) {
+      float acc = 0.0f;
+      for (int kk = 0; kk < k; kk++) acc += p->panel[(long)kk * LANE + m] * p->w[(long)n * ldw + kk];
+      store(p, n, 0, m, acc);
+    }
+}
+
+static void part(const struct product *p, int i, int parts) {
+  const long blocks = (p->n + NB - 1) / NB;
+  const int n0 = (int)(blocks * i / parts) * NB;
+  const int n1 = (int)(blocks * (i + 1) / parts) * NB;
+  columns(p, n0, n1 < p->n ? n1 : p->n);
+}
+
+/* ---- the pool: worker i (1..parts-1) takes part i of the current product ------------------- */
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one product on the pool */
+static int workers;                                            /* started so far */
+static unsigned tickets[MAX_THREADS]; /* bumped for each product a worker has a part in */
+static unsigned generation;           /* futex word, bumped with every product: wakes sleepers */
+static int sleepers, pending, job_parts;
+static struct product job;
+
+static void *worker(void *arg) {
+  const int me = (int)(long)arg;
+  unsigned seen = 0;
+  for (;;) {
+    int spin = 0;
+    while (__atomic_load_n(&tickets[me], __ATOMIC_SEQ_CST) == seen) {
+      if (spin++ < SPINS) {
+        relax();
+        continue;
+      }
+      const unsigned now = __atomic_load_n(&generation, __ATOMIC_SEQ_CST);
+      if (__atomic_load_n(&tickets[me], __ATOMIC_SEQ_CST) != seen) break;
+      __atomic_add_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
+      syscall(SYS_futex, &generation, FUTEX_WAIT_PRIVATE, now, NULL, NULL, 0);
+      __atomic_sub_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
+      spin = 0;
+    }
+    seen = __atomic_load_n(&tickets[me], __ATOMIC_SEQ_CST);
+    part(&job, me, job_parts); /* stable: the caller waits for this part before the next job */
+    __atomic_sub_fetch(&pending, 1, __ATOMIC_SEQ_CST);
+  }
+  return NULL;
+}
+
+static void after_fork_in_child(void) { /* the pool's threads do not exist in a child */
+  pthread_mutex_init(&pool_lock, NULL);
+  workers = sleepers = pending = 0;
+  memset(tickets, 0, sizeof(tickets));
+}
+
+static void run(const struct product *p) {
+  int parts = blas_threads ? blas_threads() : 1;
+  const int blocks = (p->n + NB - 1) / NB;
+  if (parts > blocks / 2) parts = blocks / 2; /* two blocks of W at least per thread */
+  if (parts > MAX_THREADS) parts = MAX_THREADS;
+  if (parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) { /* the pool is busy: alone */
+    part(p, 0, 1);
+    return;
+  }
+  while (workers < parts - 1) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    const int started = pthread_create(&t, &attr, worker, (void *)(long)(workers + 1)) == 0;
+    pthread_attr_destroy(&attr);
+    if (!started) break;
+    workers++;
+  }
+  if (parts > workers + 1) parts = workers + 1;
+  job = *p;
+  job_parts = parts;
+  __atomic_store_n(&pending, parts - 1, __ATOMIC_SEQ_CST);
+  for (int i = 1; i < parts; i++) __atomic_add_fetch(&tickets[i], 1, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST) > 0)
+    syscall(SYS_futex, &generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+  part(p, 0, parts);
+  while (__atomic_load_n(&pending, __ATOMIC_SEQ_CST) > 0) relax();
+  pthread_mutex_unlock(&pool_lock);
+  __atomic_fetch_add(&by_pool, 1, __ATOMIC_RELAXED);
+}
+
+/* x [m, k] (op(A)) into a [k, LANE] panel, zero-padded; a buffer per calling thread. */
+static __thread float *panel_buf;
+static __thread size_t panel_cap;
+
+static const float *make_panel(int trans_a, int m, int k, const float *a, int lda) {
+  const size_t need = (size_t)k * LANE;
+  if (need > panel_cap) {
+    free(panel_buf);
+    panel_buf = aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64);
+    panel_cap = panel_buf ? need : 0;
+    if (!panel_buf) return NULL;
+  }
+  memset(panel_buf, 0, need * sizeof(float));
+  for (int i = 0; i < m; i++)
+    for (int kk = 0; kk < k; kk++)
+      panel_buf[(size_t)kk * LANE + i] = trans_a == NO_TRANS ? a[(long)i * lda + kk] : a[(long)kk * lda + i];
+  return panel_buf;
+}
+
+/* ---- the entry point MLX binds to ---------------------------------------------------------- */
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                 int ldc) {
+  pthread_once(&bound, bind);
+  if (order == ROW_MAJOR && m >= 2 && m <= SMALL_ROWS && trans_b == TRANS && n >= NB && k > 0) {
+    const float *panel = make_panel(trans_a, m, k, a, lda);
+    if (panel) {
+      struct product p = {m, n, k, alpha, beta, panel, b, ldb, c, ldc};
+      run(&p);
+      __atomic_fetch_add(&by_kernel, 1, __ATOMIC_RELAXED);
+      return;
+    }
+  }
+  if (order != ROW_MAJOR || m > MAX_GEMV_ROWS || k <= 0 || !real_sgemv) {
+    real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  /* Row i of C = alpha * (row i of op(A)) @ op(B) + beta * C: op(B) transposed times a vector. */
+  for (int i = 0; i < m; i++) {
+    const float *x = trans_a == NO_TRANS ? a + (long)i * lda : a + i;
+    const int incx = trans_a == NO_TRANS ? 1 : lda;
+    float *y = c + (long)i * ldc;
+    if (beta == 0.0f) memset(y, 0, sizeof(float) * (size_t)n); /* C may hold NaN bytes */
+    if (trans_b == NO_TRANS) /* B is [k, n] */
+      real_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
+    else /* B is [n, k] */
+      real_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
+  }
+  __atomic_fetch_add(&by_rows, 1, __ATOMIC_RELAXED);
+}
+
+/* For candlewick's checks: the BLAS's own sgemm, and how many products went each of our ways. */
+void *candlewick_rows_sgemm(void) {
+  pthread_once(&bound, bind);
+  return (void *)real_sgemm;
+}
+
+unsigned long long candlewick_rows_calls(void) { return __atomic_load_n(&by_rows, __ATOMIC_RELAXED); }
+
+unsigned long long candlewick_kernel_calls(void) {
+  return __atomic_load_n(&by_kernel, __ATOMIC_RELAXED);
+}
+
+unsigned long long candlewick_pool_calls(void) { return __atomic_load_n(&by_pool, __ATOMIC_RELAXED); }
+
+int candlewick_small_rows(void) { return SMALL_ROWS; }
+
+__attribute__((constructor)) static void at_load(void) {
+  pthread_atfork(NULL, NULL, after_fork_in_child);
+}
