@@ -4,6 +4,7 @@
  * MLX's CPU matmul calls cblas_sgemm for every product. For `x @ W.T` with few rows of x (a
  * decode step), OpenBLAS's sgemm spends as long copying ("packing") W into its own layout as
  * multiplying, and reads W twice. Here:
+ * for weights of MIN_WEIGHT numbers or more (smaller ones stay in the caches: the BLAS's own):
  *   - one row:            the BLAS's cblas_sgemv (reads W once, in place, with its threads);
  *   - 2..SMALL_ROWS rows, W given as [n, k] rows (trans_b, the `x @ W.T` of a linear layer):
  *                         our kernel below, which streams W once from memory, unpacked;
@@ -31,6 +32,9 @@
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { MAX_GEMV_ROWS = 2, LANE = 16, SMALL_ROWS = LANE, NB = 8, MAX_THREADS = 64, SPINS = 4000 };
+enum { MIN_PART = 1 << 16 };   /* weights a thread takes at least (256 KB: ~20 us to stream) */
+enum { MIN_WEIGHT = 1 << 15 }; /* smaller ones (attention's per-sequence products) sit in the
+                                  caches, where sgemm's packing is cheap: left to the BLAS */
 
 typedef float vec __attribute__((vector_size(4 * LANE)));
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
@@ -162,9 +166,10 @@ static void after_fork_in_child(void) { /* the pool's threads do not exist in a 
 }
 
 static void run(const struct product *p) {
-  int parts = blas_threads ? blas_threads() : 1;
-  const int blocks = (p->n + NB - 1) / NB;
-  if (parts > blocks / 2) parts = blocks / 2; /* two blocks of W at least per thread */
+  long parts = blas_threads ? blas_threads() : 1;
+  const long blocks = (p->n + NB - 1) / NB, split = (long)p->n * p->k / MIN_PART;
+  if (parts > blocks / 2) parts = blocks / 2; /* two blocks of W at least per thread, */
+  if (parts > split) parts = split;           /* and enough of W to pay for the handoff */
   if (parts > MAX_THREADS) parts = MAX_THREADS;
   if (parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) { /* the pool is busy: alone */
     part(p, 0, 1);
@@ -182,7 +187,7 @@ static void run(const struct product *p) {
   }
   if (parts > workers + 1) parts = workers + 1;
   job = *p;
-  job_parts = parts;
+  job_parts = (int)parts;
   __atomic_store_n(&pending, parts - 1, __ATOMIC_SEQ_CST);
   for (int i = 1; i < parts; i++) __atomic_add_fetch(&tickets[i], 1, __ATOMIC_SEQ_CST);
   __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST);
@@ -219,7 +224,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
   pthread_once(&bound, bind);
-  if (order == ROW_MAJOR && m >= 2 && m <= SMALL_ROWS && trans_b == TRANS && n >= NB && k > 0) {
+  const int ours = order == ROW_MAJOR && k > 0 && (long)n * k >= MIN_WEIGHT;
+  if (ours && m >= 2 && m <= SMALL_ROWS && trans_b == TRANS && n >= NB) {
     const float *panel = make_panel(trans_a, m, k, a, lda);
     if (panel) {
       struct product p = {m, n, k, alpha, beta, panel, b, ldb, c, ldc};
@@ -228,7 +234,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       return;
     }
   }
-  if (order != ROW_MAJOR || m > MAX_GEMV_ROWS || k <= 0 || !real_sgemv) {
+  if (!ours || m > MAX_GEMV_ROWS || !real_sgemv) {
     real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }

@@ -42,6 +42,7 @@ SWITCH = "CANDLEWICK_BLAS_ROWS"  # "off": preload the BLAS without the shim
 
 SOURCE_FILE = Path(__file__).with_name("blas_rows.c")
 SMALL_ROWS = 16  # as in blas_rows.c: products of 2..16 rows of `x @ W.T` go to its kernel
+MIN_WEIGHT = 1 << 15  # as in blas_rows.c: smaller weights are left to the BLAS
 
 
 def machine() -> str:
