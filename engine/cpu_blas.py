@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from engine import blas_rows
+from metal_kernels import cpu_kernels
 
 WHEEL = "ngsolve-openblas==0.3.33.post1"  # the pin in pyproject.toml (a test checks they agree)
 MARKER = "CANDLEWICK_BLAS_PRELOADED"  # set in the re-executed process: never re-execute twice
@@ -178,8 +178,8 @@ def plan_preload(
     """The environment to re-execute with, or None when this process should run as it is: not
     Linux, already re-executed (MARKER), a CBLAS already in the global scope (``preloaded``: the
     user's LD_PRELOAD), or nothing to preload. Threads: the library's own variable, when unset,
-    becomes `default_threads()`. ``rows``: the `engine.blas_rows` shim, preloaded ahead of the
-    BLAS and told which library that is."""
+    becomes `default_threads()`. ``rows``: the CPU kernels library (`metal_kernels.cpu_kernels`),
+    preloaded ahead of the BLAS and told which library that is."""
     if not sys.platform.startswith("linux") or environ.get(MARKER) or preloaded:
         return None
     if candidate is None or not candidate.path.is_file():
@@ -189,7 +189,7 @@ def plan_preload(
     ours = [str(rows), str(candidate.path)] if rows is not None else [str(candidate.path)]
     env["LD_PRELOAD"] = " ".join([*ours, *environ.get("LD_PRELOAD", "").split()])
     if rows is not None:
-        env[blas_rows.TARGET] = str(candidate.path)
+        env[cpu_kernels.TARGET] = str(candidate.path)
     dirs = [str(d) for d in candidate.library_dirs]
     if candidate.aliases:
         dirs.insert(0, str(alias_dir(candidate.aliases)))
@@ -210,8 +210,8 @@ def reexec_with_blas() -> None:
         raise FileNotFoundError(f"CANDLEWICK_BLAS={candidate.path}: no such library file")
     try:
         rows = None
-        if candidate is not None and environ.get(blas_rows.SWITCH, "").strip().lower() not in OFF:
-            rows = blas_rows.build(cache_folder("blas-rows"))
+        if candidate is not None and environ.get(cpu_kernels.SWITCH, "").strip().lower() not in OFF:
+            rows = cpu_kernels.build(cache_folder("cpu-kernels"))
         env = plan_preload(environ, candidate, preloaded=global_cblas() is not None, rows=rows)
     except OSError as e:  # no folder for the library links: run on, and `check` says so
         print(f"candlewick: cannot preload {candidate.path}: {e}", file=sys.stderr)
@@ -315,7 +315,7 @@ class BlasReport:
     threads: int | None
     gemm_gflops: float  # float32 512x512x512 on mx.cpu, best of a few runs
     fix: str | None = None  # the command that brings a real BLAS, when running without one
-    own_rows: int = 0  # products of up to this many rows go our ways (`engine.blas_rows`)
+    own_rows: int = 0  # products of up to this many rows go our ways (metal_kernels.cpu_kernels)
 
     def summary(self) -> str:
         rate = f"float32 GEMM {self.gemm_gflops:.1f} GFLOP/s"
@@ -356,7 +356,7 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     environ = os.environ if environ is None else environ
     maps = Path("/proc/self/maps").read_text()
     address = global_cblas()
-    shim = blas_rows.loaded()  # MLX's sgemm goes through the row shim first: report its BLAS
+    shim = cpu_kernels.loaded()  # MLX's sgemm goes through our library first: report its BLAS
     if shim is not None:
         address = shim[0]
     path = mapped_file(address, maps) if address is not None else None
@@ -371,7 +371,7 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     # set) its preload failed; then installing it afresh is the fix to offer.
     found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
     fix = None if source != "bundled" or off else fix_command(found)
-    rows = blas_rows.SMALL_ROWS if shim is not None else 0
+    rows = cpu_kernels.SMALL_ROWS if shim is not None else 0
     _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix, rows)
     return _report
 

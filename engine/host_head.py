@@ -10,9 +10,9 @@ Only where it applies exactly: the CPU, a dense float32 head (``lm_head`` withou
 tied embedding), and a real BLAS providing ``cblas_sgemv`` in the global scope (the library
 MLX's own matmuls resolve to, so it runs with the threads the engine gives that library). The
 hidden row is evaluated first: on the CPU each layer's attention already waits for its scores.
-Where the CLI preloaded the row shim (`engine.blas_rows`), MLX's own head product already goes
-by sgemv, without the wait for the row, and this declines (measured: 13.5 against 15.2 ms a
-one-sequence step of a 50M llama on 2 cores).
+Where the CLI preloaded the CPU kernels library (`metal_kernels.cpu_kernels`), MLX's own head
+product already goes by sgemv, without the wait for the row, and this declines (measured: 13.5
+against 15.2 ms a one-sequence step of a 50M llama on 2 cores).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine import blas_rows
+from metal_kernels import cpu_kernels
 
 _ROW_MAJOR, _NO_TRANS = 101, 111
 _F32_P = ctypes.POINTER(ctypes.c_float)
@@ -57,7 +57,7 @@ class HostHead:
         """The host head for ``model``'s language-model head, or None where it does not apply
         (not the CPU, a head that is not a dense float32 matrix, no ``cblas_sgemv``, or the row
         shim answering MLX's one-row products by sgemv already)."""
-        if mx.default_device() != mx.cpu or blas_rows.loaded() is not None:
+        if mx.default_device() != mx.cpu or cpu_kernels.loaded() is not None:
             return None
         if model.config.tie_word_embeddings:
             layer = model.model.embed_tokens

@@ -21,10 +21,15 @@ positions past a sequence's length (and outside its window) are masked.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from metal_kernels import cpu_kernels
 
 
 class _StepIndex(threading.local):
@@ -118,6 +123,14 @@ def paged_decode_attention_head_major(
     gather copies whole blocks straight into [B, Hkv, L, D]: block_size times fewer, larger
     copies than row by row (each a memcpy call in MLX's gather; at 16 sequences of ~140 tokens
     the rows' 147k copies a step were a quarter of the step's stream thread time)."""
+    kernel = decode_kernel()
+    if kernel is not None and q.dtype == k_pool.dtype == v_pool.dtype == mx.float32:
+        out = decode_in_place(
+            kernel, q, k_pool, v_pool, block_tables, seq_lens,
+            block_size=block_size, window=window, scale=scale,
+        )  # fmt: skip
+        if out is not None:
+            return out
     B, D = q.shape[0], q.shape[3]
     Hkv, num_slots, _ = k_pool.shape
     num_blocks = num_slots // block_size
@@ -127,6 +140,49 @@ def paged_decode_attention_head_major(
     keys = k_pool.reshape(blocks)[rows].reshape(B, Hkv, width, D)
     values = v_pool.reshape(blocks)[rows].reshape(B, Hkv, width, D)
     return _attend(q, keys, values, visible, seq_lens, scale)
+
+
+@functools.cache
+def decode_kernel() -> Any | None:
+    """The CPU kernels library's paged decode attention (``metal_kernels.cpu_kernels``, preloaded by
+    the CLI), or None where this process has not got it."""
+    fn = cpu_kernels.function("candlewick_paged_decode")
+    return typed_decode_kernel(fn) if fn is not None else None
+
+
+def typed_decode_kernel(fn: Any) -> Any:
+    """``fn`` (``candlewick_paged_decode`` of a loaded library) with its argument types set."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    fn.argtypes = [p, p, p, ctypes.c_long, p, i, p, i, i, i, i, i, i, f, p]
+    fn.restype = None
+    return fn
+
+
+def decode_in_place(
+    kernel: Any, q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
+    seq_lens: mx.array, *, block_size: int, window: int | None, scale: float,
+) -> mx.array | None:  # fmt: skip
+    """``paged_decode_attention_head_major`` by the library's kernel: each (sequence, KV head)
+    reads its keys and values block by block where they lie in the pools, its query heads
+    sharing each row read, with the softmax in between; no gathered copy, one call a layer.
+    The step waits for the layer's queries and pools here (the NumPy softmax it replaces
+    waited for the scores). None where the pools are not plain C-ordered arrays."""
+    B, H, _, D = q.shape
+    Hkv, num_slots, _ = k_pool.shape
+    mx.eval(q, k_pool, v_pool, block_tables, seq_lens)
+    keys, values = np.asarray(k_pool), np.asarray(v_pool)  # the pools' own memory: no copy
+    if not (keys.flags.c_contiguous and values.flags.c_contiguous):
+        return None
+    queries = np.ascontiguousarray(np.asarray(q).reshape(B, H, D))
+    tables = np.ascontiguousarray(np.asarray(block_tables), dtype=np.int32)
+    lens = np.ascontiguousarray(np.asarray(seq_lens), dtype=np.int32)
+    out = np.empty((B, H, D), np.float32)
+    kernel(
+        queries.ctypes.data, keys.ctypes.data, values.ctypes.data, num_slots,
+        tables.ctypes.data, tables.shape[1], lens.ctypes.data, B, H, Hkv, D, block_size,
+        window or 0, scale, out.ctypes.data,
+    )  # fmt: skip
+    return mx.array(out).reshape(B, H, 1, D)
 
 
 def _attend(

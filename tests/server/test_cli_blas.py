@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import blas_rows, cpu_blas
+from engine import cpu_blas
+from metal_kernels import cpu_kernels
 from tests.server.fixtures import write_tiny_model
 from tests.server.test_admission import free_port
 from tests.server.test_embeddings_api import minilm_folder
@@ -90,8 +91,8 @@ def test_serve_reexecutes_once_with_the_blas_mapped_and_reported(tmp_path):
     # engine's, multiprocessing's resource tracker) inherit the preload and never re-execute
     assert lines[0] == "" and len(lines) >= 3, lines
     # the row shim first where this machine has a C compiler, the BLAS right behind it
-    rows = tmp_path / "cache/candlewick/blas-rows"  # built there by the CLI: found, not rebuilt
-    shim = [str(blas_rows.build(rows))] if blas_rows.compiler() else []
+    rows = tmp_path / "cache/candlewick/cpu-kernels"  # built there by the CLI: found, not rebuilt
+    shim = [str(cpu_kernels.build(rows))] if cpu_kernels.compiler() else []
     assert all(line.split()[:-1] == shim for line in lines[1:]), lines
     assert all(line.split()[-1] == str(FOUND.path) for line in lines[1:]), lines
     real = os.path.realpath(FOUND.path)
@@ -101,7 +102,7 @@ def test_serve_reexecutes_once_with_the_blas_mapped_and_reported(tmp_path):
     blas = health["cpu_blas"]
     assert os.path.realpath(blas["path"]) == real and blas["source"] == FOUND.source
     assert blas["gemm_gflops"] > 0 and blas["fix"] is None
-    assert blas["own_rows"] == (blas_rows.SMALL_ROWS if shim else 0)
+    assert blas["own_rows"] == (cpu_kernels.SMALL_ROWS if shim else 0)
     assert f"cpu blas: {blas['library']} ({FOUND.source}" in output
 
 

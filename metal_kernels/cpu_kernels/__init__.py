@@ -14,13 +14,13 @@ Measured on a 2-core EPYC, the 56 layer products of a 50M llama, 2 threads:
 | 16 | 12.3-13.0 | 6.6-7.6 |
 | 32 | 16.5-18.2 | (sgemm; a two-vector kernel took 14-24 ms: not used) |
 
-So `blas_rows.c` is a small library of our own: one row goes to the BLAS's `cblas_sgemv`, 2 to
+So `library.c` is a small library of our own: one row goes to the BLAS's `cblas_sgemv`, 2 to
 `SMALL_ROWS` rows of `x @ W.T` to a kernel that streams W once, unpacked, over the BLAS's thread
 count (see the C file), products of up to `MAX_ROWS` rows in other layouts to sgemv a row at a
 time, everything else to the BLAS's own `cblas_sgemm` unchanged. The CLI compiles it with the
 machine's C compiler (`-O3 -march=native`) into the user's cache once, and preloads it ahead of
 the BLAS (`engine.cpu_blas.plan_preload`): the dynamic linker binds MLX's `cblas_sgemm` to it.
-The BLAS it forwards to is the library `CANDLEWICK_ROWS_BLAS` names (the one preloaded after
+The BLAS it forwards to is the library `CANDLEWICK_KERNELS_BLAS` names (the one preloaded after
 it). Where no C compiler is found, the CLI preloads the BLAS alone.
 """
 
@@ -35,14 +35,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-MAX_ROWS = 2  # as in blas_rows.c: other layouts of up to 2 rows go by sgemv
-TARGET = "CANDLEWICK_ROWS_BLAS"  # the BLAS library the shim forwards to
-SWITCH = "CANDLEWICK_BLAS_ROWS"  # "off": preload the BLAS without the shim
+MAX_ROWS = 2  # as in library.c: other layouts of up to 2 rows go by sgemv
+TARGET = "CANDLEWICK_KERNELS_BLAS"  # the BLAS library the shim forwards to
+SWITCH = "CANDLEWICK_CPU_KERNELS"  # "off": preload the BLAS without the shim
 
-SOURCE_FILE = Path(__file__).with_name("blas_rows.c")
-SMALL_ROWS = 16  # as in blas_rows.c: products of 2..16 rows of `x @ W.T` go to its kernel
-MIN_WEIGHT = 1 << 15  # as in blas_rows.c: smaller weights are left to the BLAS
+SOURCE_FILE = Path(__file__).with_name("library.c")
+SMALL_ROWS = 16  # as in library.c: products of 2..16 rows of `x @ W.T` go to its kernel
+MIN_WEIGHT = 1 << 15  # as in library.c: smaller weights are left to the BLAS
 
 
 def machine() -> str:
@@ -70,7 +71,7 @@ def build(folder: Path) -> Path | None:
     starts: each compiles to its own file and renames it into place."""
     source = SOURCE_FILE.read_text()
     digest = hashlib.sha256(f"{source}\0{machine()}".encode()).hexdigest()[:16]
-    target = folder / f"candlewick-rows-{digest}.so"
+    target = folder / f"candlewick-cpu-{digest}.so"
     if target.is_file():
         return target
     cc = compiler()
@@ -82,7 +83,7 @@ def build(folder: Path) -> Path | None:
             argv = [cc, "-O3", *arch, "-shared", "-fPIC", "-o", str(out), str(SOURCE_FILE)]
             try:
                 done = subprocess.run(
-                    [*argv, "-ldl", "-lpthread"], capture_output=True, text=True, timeout=120
+                    [*argv, "-ldl", "-lpthread", "-lm"], capture_output=True, text=True, timeout=120
                 )
             except (OSError, subprocess.TimeoutExpired):
                 return None
@@ -117,3 +118,10 @@ def calls() -> dict[str, int]:
             counter.restype = ctypes.c_ulonglong
             counts[way] = counter()
     return counts
+
+
+def function(name: str) -> Any | None:
+    """The library's function ``name`` where the CLI preloaded it in this process (the global
+    scope), else None."""
+    found = loaded()
+    return getattr(found[1], name, None) if found is not None else None

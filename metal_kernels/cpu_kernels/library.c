@@ -1,5 +1,5 @@
 /* candlewick's cblas_sgemm for products of few rows, preloaded ahead of the BLAS (see
- * engine/blas_rows.py for why and how it is built and loaded).
+ * metal_kernels/cpu_kernels/__init__.py for why and how it is built and loaded).
  *
  * MLX's CPU matmul calls cblas_sgemm for every product. For `x @ W.T` with few rows of x (a
  * decode step), OpenBLAS's sgemm spends as long copying ("packing") W into its own layout as
@@ -23,7 +23,9 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,7 +33,8 @@
 #include <unistd.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { MAX_GEMV_ROWS = 2, LANE = 16, SMALL_ROWS = LANE, NB = 8, MAX_THREADS = 64, SPINS = 4000 };
+enum { MAX_GEMV_ROWS = 2, LANE = 16, SMALL_ROWS = LANE, NB = 8, MAX_THREADS = 64 };
+enum { PAUSES = 64, SPINS = 2000 }; /* a worker's wait: 64 pauses, then yields, then sleep */
 enum { MIN_PART = 1 << 16 };   /* weights a thread takes at least (256 KB: ~20 us to stream) */
 enum { MIN_WEIGHT = 1 << 15 }; /* smaller ones (attention's per-sequence products) sit in the
                                   caches, where sgemm's packing is cheap: left to the BLAS */
@@ -50,18 +53,21 @@ static pthread_once_t bound = PTHREAD_ONCE_INIT;
 static unsigned long long by_rows, by_kernel, by_pool;
 
 static void bind(void) {
-  const char *path = getenv("CANDLEWICK_ROWS_BLAS");
+  const char *path = getenv("CANDLEWICK_KERNELS_BLAS");
   void *lib = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
   void *scope = lib ? lib : RTLD_NEXT;
   real_sgemm = (sgemm_fn)dlsym(scope, "cblas_sgemm");
   real_sgemv = (sgemv_fn)dlsym(scope, "cblas_sgemv");
   blas_threads = (threads_fn)dlsym(scope, "openblas_get_num_threads");
   if (!blas_threads) blas_threads = (threads_fn)dlsym(scope, "MKL_Get_Max_Threads");
-  if (!real_sgemm) {
-    fprintf(stderr, "candlewick: the BLAS row shim found no cblas_sgemm (CANDLEWICK_ROWS_BLAS=%s)\n",
-            path ? path : "");
-    abort();
-  }
+}
+
+static void need_sgemm(void) {
+  if (real_sgemm) return;
+  const char *path = getenv("CANDLEWICK_KERNELS_BLAS");
+  fprintf(stderr, "candlewick: the CPU kernels found no cblas_sgemm (CANDLEWICK_KERNELS_BLAS=%s)\n",
+          path ? path : "");
+  abort();
 }
 
 static inline void relax(void) {
@@ -70,6 +76,16 @@ static inline void relax(void) {
 #elif defined(__aarch64__)
   __asm__ volatile("yield");
 #endif
+}
+
+/* A wait's first rounds pause the core; later ones yield it: with more runnable threads than
+ * cores (the BLAS's own spinning workers, the server's Python thread), a thread spinning
+ * without yielding can hold the core the one it waits for needs. */
+static inline void wait_a_little(int round) {
+  if (round < PAUSES)
+    relax();
+  else
+    sched_yield();
 }
 
 /* ---- the kernel ---------------------------------------------------------------------------- */
@@ -119,21 +135,25 @@ static void columns(const struct product *p, int n0, int n1) {
     }
 }
 
-static void part(const struct product *p, int i, int parts) {
+static void product_part(const void *arg, int i, int parts) {
+  const struct product *p = arg;
   const long blocks = (p->n + NB - 1) / NB;
   const int n0 = (int)(blocks * i / parts) * NB;
   const int n1 = (int)(blocks * (i + 1) / parts) * NB;
   columns(p, n0, n1 < p->n ? n1 : p->n);
 }
 
-/* ---- the pool: worker i (1..parts-1) takes part i of the current product ------------------- */
+/* ---- the pool: worker i (1..parts-1) runs part i of the current job ------------------------ */
 
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one product on the pool */
+typedef void (*part_fn)(const void *arg, int part, int parts);
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one job on the pool */
 static int workers;                                            /* started so far */
-static unsigned tickets[MAX_THREADS]; /* bumped for each product a worker has a part in */
-static unsigned generation;           /* futex word, bumped with every product: wakes sleepers */
+static unsigned tickets[MAX_THREADS]; /* bumped for each job a worker has a part in */
+static unsigned generation;           /* futex word, bumped with every job: wakes sleepers */
 static int sleepers, pending, job_parts;
-static struct product job;
+static part_fn job_fn;
+static const void *job_arg;
 
 static void *worker(void *arg) {
   const int me = (int)(long)arg;
@@ -142,7 +162,7 @@ static void *worker(void *arg) {
     int spin = 0;
     while (__atomic_load_n(&tickets[me], __ATOMIC_SEQ_CST) == seen) {
       if (spin++ < SPINS) {
-        relax();
+        wait_a_little(spin);
         continue;
       }
       const unsigned now = __atomic_load_n(&generation, __ATOMIC_SEQ_CST);
@@ -153,7 +173,7 @@ static void *worker(void *arg) {
       spin = 0;
     }
     seen = __atomic_load_n(&tickets[me], __ATOMIC_SEQ_CST);
-    part(&job, me, job_parts); /* stable: the caller waits for this part before the next job */
+    job_fn(job_arg, me, job_parts); /* stable: the caller waits for this part before the next */
     __atomic_sub_fetch(&pending, 1, __ATOMIC_SEQ_CST);
   }
   return NULL;
@@ -165,14 +185,12 @@ static void after_fork_in_child(void) { /* the pool's threads do not exist in a 
   memset(tickets, 0, sizeof(tickets));
 }
 
-static void run(const struct product *p) {
-  long parts = blas_threads ? blas_threads() : 1;
-  const long blocks = (p->n + NB - 1) / NB, split = (long)p->n * p->k / MIN_PART;
-  if (parts > blocks / 2) parts = blocks / 2; /* two blocks of W at least per thread, */
-  if (parts > split) parts = split;           /* and enough of W to pay for the handoff */
+/* fn(arg, i, parts) for i in 0..parts-1, on this thread and parts-1 workers (fewer where the
+ * pool is busy with another caller's job or threads cannot start). */
+static void run(part_fn fn, const void *arg, long parts) {
   if (parts > MAX_THREADS) parts = MAX_THREADS;
   if (parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) { /* the pool is busy: alone */
-    part(p, 0, 1);
+    fn(arg, 0, 1);
     return;
   }
   while (workers < parts - 1) {
@@ -186,17 +204,144 @@ static void run(const struct product *p) {
     workers++;
   }
   if (parts > workers + 1) parts = workers + 1;
-  job = *p;
+  job_fn = fn;
+  job_arg = arg;
   job_parts = (int)parts;
   __atomic_store_n(&pending, parts - 1, __ATOMIC_SEQ_CST);
   for (int i = 1; i < parts; i++) __atomic_add_fetch(&tickets[i], 1, __ATOMIC_SEQ_CST);
   __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST);
   if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST) > 0)
     syscall(SYS_futex, &generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-  part(p, 0, parts);
-  while (__atomic_load_n(&pending, __ATOMIC_SEQ_CST) > 0) relax();
+  fn(arg, 0, (int)parts);
+  for (int spin = 0; __atomic_load_n(&pending, __ATOMIC_SEQ_CST) > 0; spin++) wait_a_little(spin);
   pthread_mutex_unlock(&pool_lock);
-  __atomic_fetch_add(&by_pool, 1, __ATOMIC_RELAXED);
+  if (parts > 1) __atomic_fetch_add(&by_pool, 1, __ATOMIC_RELAXED);
+}
+
+static int threads(void) {
+  pthread_once(&bound, bind);
+  return blas_threads ? blas_threads() : 1;
+}
+
+static void product(const struct product *p) {
+  long parts = threads();
+  const long blocks = (p->n + NB - 1) / NB, split = (long)p->n * p->k / MIN_PART;
+  if (parts > blocks / 2) parts = blocks / 2; /* two blocks of W at least per thread, */
+  if (parts > split) parts = split;           /* and enough of W to pay for the handoff */
+  run(product_part, p, parts);
+}
+
+/* ---- paged decode attention ----------------------------------------------------------------
+ * One query row per sequence and head against the sequence's keys and values, read in place
+ * from head-major pools ([kv heads, slots, d]: a block of one KV head is block x d contiguous
+ * numbers) through its block table: no gather into a batch of contiguous keys first. Each
+ * (sequence, KV head) is one task; its query heads (gqa of them) share every key row read. */
+
+struct attention {
+  const float *q;     /* [b, h, d] */
+  const float *k, *v; /* [hkv, slots, d] */
+  long slots;
+  const int *tables; /* [b, width] block ids */
+  int width;
+  const int *lens; /* [b] */
+  int b, h, hkv, d, block, window;
+  float scale;
+  float *out; /* [b, h, d] */
+};
+
+static inline float lanes_sum(vec v) { /* a tree of shuffles: 4 steps, not 15 dependent adds */
+  typedef float half __attribute__((vector_size(4 * LANE / 2)));
+  typedef float quarter __attribute__((vector_size(4 * LANE / 4)));
+  half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+static inline float dot(const float *restrict x, const float *restrict y, int d) {
+  int i = 0;
+  float total = 0.0f;
+  if (d >= LANE) {
+    vec acc = {0};
+    for (; i + LANE <= d; i += LANE) {
+      vec a, b;
+      memcpy(&a, x + i, sizeof(vec));
+      memcpy(&b, y + i, sizeof(vec));
+      acc += a * b;
+    }
+    total = lanes_sum(acc);
+  }
+  for (; i < d; i++) total += x[i] * y[i];
+  return total;
+}
+
+static inline void axpy(float *restrict y, float a, const float *restrict x, int d) {
+  int i = 0;
+  for (; i + LANE <= d; i += LANE) {
+    vec u, w;
+    memcpy(&u, y + i, sizeof(vec));
+    memcpy(&w, x + i, sizeof(vec));
+    u += a * w;
+    memcpy(y + i, &u, sizeof(vec));
+  }
+  for (; i < d; i++) y[i] += a * x[i];
+}
+
+static __thread float *score_buf;
+static __thread size_t score_cap;
+
+static void attend(const struct attention *a, int seq, int kv) {
+  const int gqa = a->h / a->hkv, d = a->d, len = a->lens[seq];
+  float *out = a->out + ((long)seq * a->h + (long)kv * gqa) * d; /* gqa rows of d */
+  memset(out, 0, sizeof(float) * (size_t)gqa * d);
+  if (len <= 0) return; /* nothing to attend to: zeros */
+  const int start = a->window > 0 && len > a->window ? len - a->window : 0, n = len - start;
+  if ((size_t)gqa * n > score_cap) {
+    free(score_buf);
+    score_buf = malloc(sizeof(float) * (size_t)gqa * n);
+    score_cap = score_buf ? (size_t)gqa * n : 0;
+    if (!score_buf) abort();
+  }
+  const float *q = a->q + ((long)seq * a->h + (long)kv * gqa) * d;
+  const float *keys = a->k + (long)kv * a->slots * d, *values = a->v + (long)kv * a->slots * d;
+  const int *table = a->tables + (long)seq * a->width;
+  for (int l = start; l < len; l++) {
+    const float *key = keys + ((long)table[l / a->block] * a->block + l % a->block) * d;
+    for (int g = 0; g < gqa; g++) score_buf[(long)g * n + l - start] = dot(q + (long)g * d, key, d) * a->scale;
+  }
+  float inv[gqa];
+  for (int g = 0; g < gqa; g++) {
+    float *s = score_buf + (long)g * n, top = s[0], sum = 0.0f;
+    for (int i = 1; i < n; i++) top = s[i] > top ? s[i] : top;
+    for (int i = 0; i < n; i++) sum += (s[i] = expf(s[i] - top));
+    inv[g] = 1.0f / sum;
+  }
+  for (int l = start; l < len; l++) {
+    const float *value = values + ((long)table[l / a->block] * a->block + l % a->block) * d;
+    for (int g = 0; g < gqa; g++) axpy(out + (long)g * d, score_buf[(long)g * n + l - start], value, d);
+  }
+  for (int g = 0; g < gqa; g++)
+    for (int i = 0; i < d; i++) out[(long)g * d + i] *= inv[g];
+}
+
+static void attention_part(const void *arg, int i, int parts) {
+  const struct attention *a = arg;
+  const long tasks = (long)a->b * a->hkv;
+  for (long t = tasks * i / parts; t < tasks * (i + 1) / parts; t++) attend(a, (int)(t / a->hkv), (int)(t % a->hkv));
+}
+
+/* q [b, h, d]; pools [hkv, slots, d]; tables [b, width]; lens [b] -> out [b, h, d]. window <= 0:
+ * none. Split over the BLAS's thread count where the keys and values read pay for it. */
+void candlewick_paged_decode(const float *q, const float *k, const float *v, long slots,
+                             const int *tables, int width, const int *lens, int b, int h, int hkv,
+                             int d, int block, int window, float scale, float *out) {
+  struct attention a = {q, k, v, slots, tables, width, lens, b, h, hkv, d, block, window, scale, out};
+  long read = 0; /* numbers of keys and values read */
+  for (int i = 0; i < b; i++) read += 2L * (lens[i] > 0 ? lens[i] : 0) * hkv * d;
+  long parts = threads();
+  if (parts > (long)b * hkv) parts = (long)b * hkv;
+  if (parts > read / MIN_PART) parts = read / MIN_PART;
+  run(attention_part, &a, parts);
 }
 
 /* x [m, k] (op(A)) into a [k, LANE] panel, zero-padded; a buffer per calling thread. */
@@ -224,12 +369,13 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
   pthread_once(&bound, bind);
+  need_sgemm();
   const int ours = order == ROW_MAJOR && k > 0 && (long)n * k >= MIN_WEIGHT;
   if (ours && m >= 2 && m <= SMALL_ROWS && trans_b == TRANS && n >= NB) {
     const float *panel = make_panel(trans_a, m, k, a, lda);
     if (panel) {
       struct product p = {m, n, k, alpha, beta, panel, b, ldb, c, ldc};
-      run(&p);
+      product(&p);
       __atomic_fetch_add(&by_kernel, 1, __ATOMIC_RELAXED);
       return;
     }

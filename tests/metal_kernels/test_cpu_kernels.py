@@ -1,42 +1,56 @@
-"""The row shim (`engine.blas_rows`): built once per machine with its compiler, and under MLX
-it gives the same products as NumPy (float64) for every layout MLX passes to `cblas_sgemm`,
-answering `x @ W.T` of 2..`SMALL_ROWS` rows by its own kernel, other products of up to
-`MAX_ROWS` rows by sgemv and the rest by the BLAS's sgemm, each as counted."""
+"""The CPU kernels library (`metal_kernels.cpu_kernels`): built once per machine with its
+compiler; under MLX it gives the same products as NumPy (float64) for every layout MLX passes to
+`cblas_sgemm`, answering `x @ W.T` of 2..`SMALL_ROWS` rows by its own kernel, other products of
+up to `MAX_ROWS` rows by sgemv and the rest by the BLAS's sgemm, each as counted; and its paged
+decode attention equals the reference."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
-from engine import blas_rows, cpu_blas
+from engine import cpu_blas
+from metal_kernels import cpu_kernels
+from metal_kernels.paged_attention import cpu
+from metal_kernels.paged_attention.gpu_check import (
+    lengths_for,
+    max_error,
+    naive_attention,
+    sweep_cases,
+)
+from metal_kernels.paged_attention.reference import random_case
 
 ROOT = Path(__file__).resolve().parents[2]
 FOUND = cpu_blas.find_blas(os.environ, *cpu_blas.default_locations())
-needs_cc = pytest.mark.skipif(blas_rows.compiler() is None, reason="no C compiler (cc, gcc)")
+needs_cc = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C compiler (cc, gcc)")
 
 PRODUCTS = r"""
 import json
 import mlx.core as mx
 import numpy as np
-from engine import blas_rows, cpu_blas
+from engine import cpu_blas
+from metal_kernels import cpu_kernels
 
 report = cpu_blas.check()
 rng = np.random.default_rng(0)
 errors, expected = {}, {"sgemv": 0, "kernel": 0, "pool": 0}
-before = blas_rows.calls()
+before = cpu_kernels.calls()
 
 
 def way(m, n, k, transposed_weight):
-    if n * k < blas_rows.MIN_WEIGHT:  # small weights stay with the BLAS
+    if n * k < cpu_kernels.MIN_WEIGHT:  # small weights stay with the BLAS
         return None
-    if transposed_weight and 2 <= m <= blas_rows.SMALL_ROWS and n >= 8:
+    if transposed_weight and 2 <= m <= cpu_kernels.SMALL_ROWS and n >= 8:
         return "kernel"
-    return "sgemv" if m <= blas_rows.MAX_ROWS else None
+    return "sgemv" if m <= cpu_kernels.MAX_ROWS else None
 
 
 # every layout: a transposed operand reaches sgemm as CblasTrans with its leading dimension;
@@ -69,8 +83,16 @@ w = rng.standard_normal((5, 4096, 9)).astype(np.float32)
 got = np.array(mx.array(x) @ mx.array(w))
 errors["batched"] = float(np.abs(got - x.astype(np.float64) @ w).max())
 expected["sgemv"] += 5
-after = blas_rows.calls()
+after = cpu_kernels.calls()
 calls = {way: after[way] - before[way] for way in after}
+# The engine's CPU decode attention takes the library's kernel, split over the threads
+from metal_kernels.paged_attention.gpu_check import max_error, naive_attention
+from metal_kernels.paged_attention.reference import random_case
+from tests.metal_kernels.test_paged_attention import head_major, run
+case = random_case([300, 1, 17, 0, 250] * 3, num_kv_heads=2, gqa=3, head_dim=64, block_size=16,
+                   dtype=mx.float32, window=None)
+errors["attention"] = max_error(run(head_major, case), naive_attention(case))
+calls["attention pool"] = cpu_kernels.calls()["pool"] - after["pool"]
 # MLX's head product already goes by sgemv: the host head stands aside
 import mlx.nn as nn
 from engine.host_head import HostHead, cblas_sgemv
@@ -83,19 +105,23 @@ print(json.dumps({"errors": errors, "calls": calls, "expected": expected,
 
 @needs_cc
 def test_built_once_per_source_and_declined_without_a_compiler(tmp_path, monkeypatch):
-    first = blas_rows.build(tmp_path)
+    first = cpu_kernels.build(tmp_path)
     assert first is not None and first.parent == tmp_path and first.name.endswith(".so")
     stamp = first.stat().st_mtime_ns
-    assert blas_rows.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no work files left
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert blas_rows.compiler() is None
+    assert cpu_kernels.compiler() is None
     (tmp_path / "elsewhere").mkdir()
-    assert blas_rows.build(tmp_path / "elsewhere") is None
+    assert cpu_kernels.build(tmp_path / "elsewhere") is None
 
 
 def test_without_the_shim_nothing_is_counted():
-    assert blas_rows.loaded() is None and blas_rows.calls() == {"sgemv": 0, "kernel": 0, "pool": 0}
+    assert cpu_kernels.loaded() is None and cpu_kernels.calls() == {
+        "sgemv": 0,
+        "kernel": 0,
+        "pool": 0,
+    }
 
 
 @needs_cc
@@ -103,7 +129,7 @@ def test_without_the_shim_nothing_is_counted():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloading is Linux-only")
 def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    shim = blas_rows.build(tmp_path)
+    shim = cpu_kernels.build(tmp_path)
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
     env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=shim)
     env["PYTHONPATH"] = str(ROOT)
@@ -114,8 +140,44 @@ def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monke
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"].pop("attention") <= 1e-5
     assert max(result["errors"].values()) < 1e-3, result["errors"]  # sums of 1024 terms
+    assert result["calls"].pop("attention pool") == 1  # one call, split over the threads
     assert result["calls"] == result["expected"], result
-    assert result["rows"] == blas_rows.SMALL_ROWS
+    assert result["rows"] == cpu_kernels.SMALL_ROWS
     assert os.path.realpath(result["path"]) == os.path.realpath(FOUND.path)  # the BLAS, not us
     assert result["host_head"] is False
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The library loaded into this process as a plain shared object (not preloaded: MLX's
+    products here stay its own), for its attention kernel on one thread."""
+    if cpu_kernels.compiler() is None:
+        pytest.skip("no C compiler (cc, gcc)")
+    path = cpu_kernels.build(tmp_path_factory.mktemp("cpu-kernels"))
+    assert path is not None
+    return ctypes.CDLL(str(path))
+
+
+def test_paged_decode_kernel_matches_naive_attention(library):
+    """Every float32 case of the GPU kernels' full sweep (GQA 1-8, block sizes 8-32, windows,
+    lengths at the blocks' edges and 0, tables padded with garbage blocks), and head sizes
+    without a whole vector (80) or under one (8)."""
+    kernel = cpu.typed_decode_kernel(library.candlewick_paged_decode)
+
+    def in_place(q, k_pool, v_pool, block_tables, seq_lens, *, block_size, window, scale):
+        k, v = (mx.contiguous(p.transpose(1, 0, 2)) for p in (k_pool, v_pool))
+        kw = {"block_size": block_size, "window": window, "scale": scale}
+        return cpu.decode_in_place(kernel, q, k, v, block_tables, seq_lens, **kw)
+
+    rng = np.random.default_rng(1)
+    cases = [c for c in sweep_cases(full=True) if c.q.dtype == mx.float32]
+    cases += [
+        random_case(lengths_for(16, rng) + [0], num_kv_heads=2, gqa=g, head_dim=d,
+                    block_size=16, dtype=mx.float32, window=w)
+        for d, g, w in [(80, 3, None), (8, 2, 5), (128, 1, None)]
+    ]  # fmt: skip
+    for case in cases:
+        err = max_error(in_place(*case.args(), **case.kwargs()), naive_attention(case))
+        assert err <= 1e-5, case.describe()
