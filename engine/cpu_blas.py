@@ -316,6 +316,7 @@ class BlasReport:
     gemm_gflops: float  # float32 512x512x512 on mx.cpu, best of a few runs
     fix: str | None = None  # the command that brings a real BLAS, when running without one
     own_rows: int = 0  # products of up to this many rows go our ways (metal_kernels.cpu_kernels)
+    kernels_off: str | None = None  # why our CPU kernels are off: their start-up check failed
 
     def summary(self) -> str:
         rate = f"float32 GEMM {self.gemm_gflops:.1f} GFLOP/s"
@@ -327,10 +328,16 @@ class BlasReport:
             return line
         threads = f", {self.threads} thread{'s' * (self.threads != 1)}" if self.threads else ""
         rows = f", products of up to {self.own_rows} rows by candlewick's" if self.own_rows else ""
-        return (
+        line = (
             f"candlewick: cpu blas: {self.library} ({self.source}{threads}), {rate}{rows} "
             f"[{self.path}]"
         )
+        if self.kernels_off:
+            line += (
+                f"\ncandlewick: warning: candlewick's CPU kernels failed their start-up check "
+                f"({self.kernels_off}) and are off: MLX's own paths run"
+            )
+        return line
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -359,6 +366,9 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     shim = cpu_kernels.loaded()  # MLX's sgemm goes through our library first: report its BLAS
     if shim is not None:
         address = shim[0]
+        # It was compiled here, by this machine's compiler: trusted only once it agrees
+        if (reason := cpu_kernels.self_check()) is not None:
+            cpu_kernels.disable(reason)
     path = mapped_file(address, maps) if address is not None else None
     if path is None:
         source, library, threads = "bundled", "reference BLAS", None
@@ -371,8 +381,9 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     # set) its preload failed; then installing it afresh is the fix to offer.
     found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
     fix = None if source != "bundled" or off else fix_command(found)
-    rows = cpu_kernels.SMALL_ROWS if shim is not None else 0
-    _report = BlasReport(library, source, path, threads, round(gemm_gflops(), 1), fix, rows)
+    rows = cpu_kernels.SMALL_ROWS if shim is not None and cpu_kernels.off() is None else 0
+    rate = round(gemm_gflops(), 1)
+    _report = BlasReport(library, source, path, threads, rate, fix, rows, cpu_kernels.off())
     return _report
 
 

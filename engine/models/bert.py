@@ -221,7 +221,6 @@ class _Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(B * L, H * D)[batch.scatter]  # [T, H*D]
         return self.output(out, x)
 
-
     def packed_on_host(self, kernel: Any, x: mx.array, batch: PackedBatch) -> mx.array:
         """The attention of ``batch``'s packed rows [T, H*D] by the CPU kernels library: each
         (sequence, head) reads its rows where the projections left them, no regrouping into

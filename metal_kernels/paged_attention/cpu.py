@@ -21,7 +21,6 @@ positions past a sequence's length (and outside its window) are masked.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import threading
 from typing import Any
@@ -144,18 +143,9 @@ def paged_decode_attention_head_major(
 
 @functools.cache
 def decode_kernel() -> Any | None:
-    """The CPU kernels library's paged decode attention (``metal_kernels.cpu_kernels``, preloaded by
-    the CLI), or None where this process has not got it."""
-    fn = cpu_kernels.function("candlewick_paged_decode")
-    return typed_decode_kernel(fn) if fn is not None else None
-
-
-def typed_decode_kernel(fn: Any) -> Any:
-    """``fn`` (``candlewick_paged_decode`` of a loaded library) with its argument types set."""
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, p, p, ctypes.c_long, p, i, p, i, i, i, i, i, i, f, p]
-    fn.restype = None
-    return fn
+    """The CPU kernels library's paged decode attention (``metal_kernels.cpu_kernels``, preloaded
+    by the CLI), or None where this process has not got it."""
+    return cpu_kernels.function("candlewick_paged_decode", cpu_kernels.PAGED_DECODE)
 
 
 def decode_in_place(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,7 +189,8 @@ def test_paged_decode_kernel_matches_naive_attention(library):
     """Every float32 case of the GPU kernels' full sweep (GQA 1-8, block sizes 8-32, windows,
     lengths at the blocks' edges and 0, tables padded with garbage blocks), and head sizes
     without a whole vector (80) or under one (8)."""
-    kernel = cpu.typed_decode_kernel(library.candlewick_paged_decode)
+    kernel = library.candlewick_paged_decode
+    kernel.argtypes, kernel.restype = cpu_kernels.PAGED_DECODE, None
 
     def in_place(q, k_pool, v_pool, block_tables, seq_lens, *, block_size, window, scale):
         k, v = (mx.contiguous(p.transpose(1, 0, 2)) for p in (k_pool, v_pool))
@@ -258,3 +260,53 @@ def test_packed_attention_matches_float64(library, heads, d):
     )  # fmt: skip
     want = packed_attention_float64(q, k, v, starts, lens, heads, d, d**-0.5)
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
+
+
+BROKEN = r"""
+import json
+import mlx.core as mx
+import numpy as np
+from engine import cpu_blas
+from metal_kernels import cpu_kernels
+from metal_kernels.paged_attention import cpu
+
+report = cpu_blas.check()
+rng = np.random.default_rng(0)
+x = rng.standard_normal((16, 700)).astype(np.float32)
+w = rng.standard_normal((48, 700)).astype(np.float32)
+got = np.array(mx.array(x) @ mx.array(w).T)
+print(json.dumps({"off": report.kernels_off, "rows": report.own_rows,
+                  "summary": report.summary(), "calls": cpu_kernels.calls(),
+                  "decode": cpu.decode_kernel() is not None,
+                  "error": float(np.abs(got - x.astype(np.float64) @ w.T).max())}))
+"""
+
+
+@needs_cc
+@pytest.mark.skipif(FOUND is None, reason="no BLAS to preload here for the library to forward to")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloading is Linux-only")
+def test_a_library_that_computes_wrong_is_turned_off_at_start(tmp_path, monkeypatch):
+    """A build whose kernel is off by 1% (as a broken compiler would make it): the start-up
+    check says so, and from then on every product is the BLAS's and no kernel of it is used."""
+    source = tmp_path / "source"
+    shutil.copytree(cpu_kernels.FOLDER, source, ignore=shutil.ignore_patterns("*.py", "__py*"))
+    products = source / "products.c"
+    good = "acc[j] += w[(long)j * ldw + kk] * x;"
+    assert good in products.read_text()
+    products.write_text(products.read_text().replace(good, f"{good[:-1]} * 1.01f;"))
+    broken = cpu_kernels.build(tmp_path, source=source)
+    assert broken is not None and broken != cpu_kernels.build(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
+    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=broken)
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", BROKEN], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["off"].startswith("a product of 2 rows is off by")
+    assert result["rows"] == 0 and "failed their start-up check" in result["summary"]
+    assert result["error"] < 1e-3 and result["calls"]["kernel"] == 1  # the check's, then none
+    assert result["decode"] is False
