@@ -124,6 +124,20 @@ print(json.dumps({"errors": errors, "calls": calls, "expected": expected,
 """
 
 
+def run_preloaded(script: str, library: Path | None, **environ: str) -> dict:
+    """``script`` in a fresh interpreter started as the CLI would (``library`` preloaded ahead
+    of this machine's BLAS): the JSON of its last line."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
+    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=library)
+    env |= {"PYTHONPATH": str(ROOT), **environ}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @needs_cc
 def test_built_once_per_source_and_declined_without_a_compiler(tmp_path, monkeypatch):
     first = cpu_kernels.build(tmp_path)
@@ -150,17 +164,8 @@ def test_without_the_shim_nothing_is_counted():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloading is Linux-only")
 def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    shim = cpu_kernels.build(tmp_path)
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
-    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=shim)
-    env["PYTHONPATH"] = str(ROOT)
-    env["OPENBLAS_NUM_THREADS"] = "3"  # the kernel's own threads: as many as the BLAS's
-    out = subprocess.run(
-        [sys.executable, "-c", PRODUCTS], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # the kernels' own threads: as many as the BLAS's
+    result = run_preloaded(PRODUCTS, cpu_kernels.build(tmp_path), OPENBLAS_NUM_THREADS="3")
     assert result["errors"].pop("attention") <= 1e-5
     assert max(result["errors"].values()) < 1e-3, result["errors"]  # sums of 1024 terms
     assert result["calls"].pop("attention pool") == 1  # one call, split over the threads
@@ -297,15 +302,7 @@ def test_a_library_that_computes_wrong_is_turned_off_at_start(tmp_path, monkeypa
     broken = cpu_kernels.build(tmp_path, source=source)
     assert broken is not None and broken != cpu_kernels.build(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
-    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=broken)
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run(
-        [sys.executable, "-c", BROKEN], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_preloaded(BROKEN, broken)
     assert result["off"].startswith("a product of 2 rows is off by")
     assert result["rows"] == 0 and "failed their start-up check" in result["summary"]
     assert result["error"] < 1e-3 and result["calls"]["kernel"] == 1  # the check's, then none
