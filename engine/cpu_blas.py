@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pkgutil
 import platform
 import sys
 import sysconfig
@@ -210,7 +211,8 @@ def reexec_with_blas() -> None:
         raise FileNotFoundError(f"CANDLEWICK_BLAS={candidate.path}: no such library file")
     try:
         rows = None
-        if candidate is not None and environ.get(cpu_kernels.SWITCH, "").strip().lower() not in OFF:
+        wanted = environ.get(cpu_kernels.SWITCH, "").strip().lower() not in OFF
+        if candidate is not None and wanted and not cuda_mlx_installed():
             rows = cpu_kernels.build(cache_folder("cpu-kernels"))
         env = plan_preload(environ, candidate, preloaded=global_cblas() is not None, rows=rows)
     except OSError as e:  # no folder for the library links: run on, and `check` says so
@@ -220,6 +222,13 @@ def reexec_with_blas() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def cuda_mlx_installed() -> bool:
+    """Whether MLX's CUDA backend is installed here (an `mlx_cuda*` package on the path, found
+    without importing MLX): there the model runs on the GPU, and the CPU kernels library,
+    which serves MLX's CPU device, is not built or preloaded."""
+    return any(m.name.startswith("mlx_cuda") for m in pkgutil.iter_modules())
 
 
 def governed(environ: Mapping[str, str] | None = None) -> BlasReport | None:
