@@ -98,6 +98,44 @@ struct packed {
 static __thread float *tile_buf;
 static __thread size_t tile_cap;
 
+static const ivec LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* out[0:d] = scale * sum over j < len of p[j] * v[j * stride, 0:d]: two vectors of out at a
+ * time held in registers across all the rows, not loaded and stored for each. */
+static void weighted_sum(float *out, const float *p, const float *v, long stride, int len, int d,
+                         float scale) {
+  int c = 0;
+  for (; c + 2 * LANE <= d; c += 2 * LANE) {
+    vec acc0 = {0}, acc1 = {0};
+    for (int j = 0; j < len; j++) {
+      vec v0, v1;
+      memcpy(&v0, v + j * stride + c, sizeof(vec));
+      memcpy(&v1, v + j * stride + c + LANE, sizeof(vec));
+      acc0 += p[j] * v0;
+      acc1 += p[j] * v1;
+    }
+    acc0 *= scale;
+    acc1 *= scale;
+    memcpy(out + c, &acc0, sizeof(vec));
+    memcpy(out + c + LANE, &acc1, sizeof(vec));
+  }
+  for (; c + LANE <= d; c += LANE) {
+    vec acc = {0};
+    for (int j = 0; j < len; j++) {
+      vec v0;
+      memcpy(&v0, v + j * stride + c, sizeof(vec));
+      acc += p[j] * v0;
+    }
+    acc *= scale;
+    memcpy(out + c, &acc, sizeof(vec));
+  }
+  for (; c < d; c++) {
+    float acc = 0.0f;
+    for (int j = 0; j < len; j++) acc += p[j] * v[j * stride + c];
+    out[c] = acc * scale;
+  }
+}
+
 static void packed_one(const struct packed *a, int s, int h) {
   const int len = a->lens[s], d = a->d, width = (len + LANE - 1) / LANE * LANE;
   if (len <= 0) return;
@@ -132,17 +170,12 @@ static void packed_one(const struct packed *a, int s, int h) {
     for (int j = 0; j < width; j += LANE) {
       vec e;
       memcpy(&e, row + j, sizeof(vec));
-      e = exp_lanes(e - top);
-      for (int t = 0; t < LANE; t++)
-        if (j + t >= len) e[t] = 0.0f; /* padding lanes of the tile */
+      e = pick(LANES + j < len, exp_lanes(e - top), (vec){0}); /* the tile's padding: 0 */
       sums += e;
       memcpy(row + j, &e, sizeof(vec));
     }
-    const float inv = 1.0f / lanes_sum(sums);
-    float *o = a->out + base + (long)i * a->stride;
-    memset(o, 0, sizeof(float) * (size_t)d);
-    for (int j = 0; j < len; j++) axpy(o, row[j], a->v + base + (long)j * a->stride, d);
-    for (int c = 0; c < d; c++) o[c] *= inv;
+    weighted_sum(a->out + base + (long)i * a->stride, row, a->v + base, a->stride, len, d,
+                 1.0f / lanes_sum(sums));
   }
 }
 
