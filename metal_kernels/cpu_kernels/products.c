@@ -16,8 +16,7 @@
  * gather W[n, kk] * panel[kk, :] over kk: one scalar broadcast of W and one vector load of the
  * panel per fused multiply-add, no reduction across lanes, and W read once, in order, with the
  * next block prefetched. The BLAS's thread count (which candlewick governs) decides how many
- * threads share the blocks of W: a small pool of our own, spinning briefly between products and
- * then sleeping on a futex. */
+ * threads share the blocks of W (pool.c). */
 
 #include <stdio.h>
 
