@@ -174,12 +174,12 @@ def plan_preload(
     environ: Mapping[str, str],
     candidate: BlasCandidate | None,
     preloaded: bool,
-    rows: Path | None = None,
+    kernels: Path | None = None,
 ) -> dict[str, str] | None:
     """The environment to re-execute with, or None when this process should run as it is: not
     Linux, already re-executed (MARKER), a CBLAS already in the global scope (``preloaded``: the
     user's LD_PRELOAD), or nothing to preload. Threads: the library's own variable, when unset,
-    becomes `default_threads()`. ``rows``: the CPU kernels library (`metal_kernels.cpu_kernels`),
+    becomes `default_threads()`. ``kernels``: the CPU kernels library (`metal_kernels.cpu_kernels`),
     preloaded ahead of the BLAS and told which library that is."""
     if not sys.platform.startswith("linux") or environ.get(MARKER) or preloaded:
         return None
@@ -187,9 +187,9 @@ def plan_preload(
         return None
     env = dict(environ)
     env[MARKER] = candidate.source
-    ours = [str(rows), str(candidate.path)] if rows is not None else [str(candidate.path)]
+    ours = [str(kernels), str(candidate.path)] if kernels is not None else [str(candidate.path)]
     env["LD_PRELOAD"] = " ".join([*ours, *environ.get("LD_PRELOAD", "").split()])
-    if rows is not None:
+    if kernels is not None:
         env[cpu_kernels.TARGET] = str(candidate.path)
     dirs = [str(d) for d in candidate.library_dirs]
     if candidate.aliases:
@@ -210,11 +210,12 @@ def reexec_with_blas() -> None:
     if candidate and candidate.source == "CANDLEWICK_BLAS" and not candidate.path.is_file():
         raise FileNotFoundError(f"CANDLEWICK_BLAS={candidate.path}: no such library file")
     try:
-        rows = None
+        kernels = None
         wanted = environ.get(cpu_kernels.SWITCH, "").strip().lower() not in OFF
         if candidate is not None and wanted and not cuda_mlx_installed():
-            rows = cpu_kernels.build(cache_folder("cpu-kernels"))
-        env = plan_preload(environ, candidate, preloaded=global_cblas() is not None, rows=rows)
+            kernels = cpu_kernels.build(cache_folder("cpu-kernels"))
+        preloaded = global_cblas() is not None
+        env = plan_preload(environ, candidate, preloaded=preloaded, kernels=kernels)
     except OSError as e:  # no folder for the library links: run on, and `check` says so
         print(f"candlewick: cannot preload {candidate.path}: {e}", file=sys.stderr)
         return
@@ -372,9 +373,9 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     environ = os.environ if environ is None else environ
     maps = Path("/proc/self/maps").read_text()
     address = global_cblas()
-    shim = cpu_kernels.loaded()  # MLX's sgemm goes through our library first: report its BLAS
-    if shim is not None:
-        address = shim[0]
+    ours = cpu_kernels.loaded()  # MLX's sgemm goes through our library first: report its BLAS
+    if ours is not None:
+        address = ours[0]
         # It was compiled here, by this machine's compiler: trusted only once it agrees
         if (reason := cpu_kernels.self_check()) is not None:
             cpu_kernels.disable(reason)
@@ -390,7 +391,7 @@ def check(environ: Mapping[str, str] | None = None) -> BlasReport | None:
     # set) its preload failed; then installing it afresh is the fix to offer.
     found = None if environ.get(MARKER) else find_blas(environ, *default_locations())
     fix = None if source != "bundled" or off else fix_command(found)
-    rows = cpu_kernels.SMALL_ROWS if shim is not None and cpu_kernels.off() is None else 0
+    rows = cpu_kernels.SMALL_ROWS if ours is not None and cpu_kernels.off() is None else 0
     rate = round(gemm_gflops(), 1)
     _report = BlasReport(library, source, path, threads, rate, fix, rows, cpu_kernels.off())
     return _report

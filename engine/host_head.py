@@ -55,8 +55,8 @@ class HostHead:
     @classmethod
     def for_model(cls, model: Any, sgemv: Any | None = None) -> HostHead | None:
         """The host head for ``model``'s language-model head, or None where it does not apply
-        (not the CPU, a head that is not a dense float32 matrix, no ``cblas_sgemv``, or the row
-        shim answering MLX's one-row products by sgemv already)."""
+        (not the CPU, a head that is not a dense float32 matrix, no ``cblas_sgemv``, or the
+        CPU kernels library answering MLX's one-row products by sgemv already)."""
         if mx.default_device() != mx.cpu or cpu_kernels.loaded() is not None:
             return None
         if model.config.tie_word_embeddings:

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_ROWS = 2  # as in products.c: other layouts of up to 2 rows go by sgemv
-TARGET = "CANDLEWICK_KERNELS_BLAS"  # the BLAS library the shim forwards to
-SWITCH = "CANDLEWICK_CPU_KERNELS"  # "off": preload the BLAS without the shim
+TARGET = "CANDLEWICK_KERNELS_BLAS"  # the BLAS library ours forwards to
+SWITCH = "CANDLEWICK_CPU_KERNELS"  # "off": preload the BLAS without our library
 
 FOLDER = Path(__file__).parent  # the C: common.h, and one .c per concept
 SMALL_ROWS = 16  # as in common.h: products of 2..16 rows of `x @ W.T` go to its kernel
@@ -100,8 +100,8 @@ def build(folder: Path, source: Path = FOLDER) -> Path | None:
 
 
 def loaded() -> tuple[int, ctypes.CDLL] | None:
-    """Where the shim answers `cblas_sgemm` in this process: the address of the BLAS's own
-    sgemm behind it, and the shim's handle (for `calls`). None where MLX calls the BLAS
+    """Where our library answers `cblas_sgemm` in this process: the address of the BLAS's own
+    sgemm behind it, and the library's handle (for `calls`). None where MLX calls the BLAS
     directly."""
     scope = ctypes.CDLL(None)
     if not hasattr(scope, "candlewick_rows_sgemm"):
@@ -114,7 +114,7 @@ WAYS = {"sgemv": "rows", "kernel": "kernel", "pool": "pool"}  # way -> candlewic
 
 
 def calls() -> dict[str, int]:
-    """Products the shim has answered in this process, by way: ``sgemv``, ``kernel``, and of
+    """Products the library has answered in this process, by way: ``sgemv``, ``kernel``, and of
     those ``pool`` (split over threads); all 0 without it."""
     found = loaded()
     counts = dict.fromkeys(WAYS, 0)

@@ -128,7 +128,7 @@ def run_preloaded(script: str, library: Path | None, **environ: str) -> dict:
     """``script`` in a fresh interpreter started as the CLI would (``library`` preloaded ahead
     of this machine's BLAS): the JSON of its last line."""
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_blas.MARKER)}
-    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, rows=library)
+    env = cpu_blas.plan_preload(clean, FOUND, preloaded=False, kernels=library)
     env |= {"PYTHONPATH": str(ROOT), **environ}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -151,7 +151,7 @@ def test_built_once_per_source_and_declined_without_a_compiler(tmp_path, monkeyp
     assert cpu_kernels.build(tmp_path / "elsewhere") is None
 
 
-def test_without_the_shim_nothing_is_counted():
+def test_without_the_library_nothing_is_counted():
     assert cpu_kernels.loaded() is None and cpu_kernels.calls() == {
         "sgemv": 0,
         "kernel": 0,
@@ -160,7 +160,7 @@ def test_without_the_shim_nothing_is_counted():
 
 
 @needs_cc
-@pytest.mark.skipif(FOUND is None, reason="no BLAS to preload here for the shim to forward to")
+@pytest.mark.skipif(FOUND is None, reason="no BLAS to preload here for the library to forward to")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloading is Linux-only")
 def test_products_under_mlx_match_numpy_and_few_rows_go_by_sgemv(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -90,19 +90,19 @@ def test_serve_reexecutes_once_with_the_blas_mapped_and_reported(tmp_path):
     # the command as typed, then once with the BLAS preloaded; the processes it starts (the
     # engine's, multiprocessing's resource tracker) inherit the preload and never re-execute
     assert lines[0] == "" and len(lines) >= 3, lines
-    # the row shim first where this machine has a C compiler, the BLAS right behind it
-    rows = tmp_path / "cache/candlewick/cpu-kernels"  # built there by the CLI: found, not rebuilt
-    shim = [str(cpu_kernels.build(rows))] if cpu_kernels.compiler() else []
-    assert all(line.split()[:-1] == shim for line in lines[1:]), lines
+    # the CPU kernels first where this machine has a C compiler, the BLAS right behind them
+    built = tmp_path / "cache/candlewick/cpu-kernels"  # built there by the CLI: found, not rebuilt
+    kernels = [str(cpu_kernels.build(built))] if cpu_kernels.compiler() else []
+    assert all(line.split()[:-1] == kernels for line in lines[1:]), lines
     assert all(line.split()[-1] == str(FOUND.path) for line in lines[1:]), lines
     real = os.path.realpath(FOUND.path)
     assert real in cpu_blas.mapped_files(maps)
     assert any(real in cpu_blas.mapped_files(m) for m in child_maps)  # the engine's matmuls
-    assert all(set(shim) <= set(cpu_blas.mapped_files(m)) for m in child_maps)
+    assert all(set(kernels) <= set(cpu_blas.mapped_files(m)) for m in child_maps)
     blas = health["cpu_blas"]
     assert os.path.realpath(blas["path"]) == real and blas["source"] == FOUND.source
     assert blas["gemm_gflops"] > 0 and blas["fix"] is None
-    assert blas["own_rows"] == (cpu_kernels.SMALL_ROWS if shim else 0)
+    assert blas["own_rows"] == (cpu_kernels.SMALL_ROWS if kernels else 0)
     assert f"cpu blas: {blas['library']} ({FOUND.source}" in output
 
 
