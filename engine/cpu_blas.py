@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pkgutil
 import platform
 import sys
 import sysconfig
@@ -212,7 +211,7 @@ def reexec_with_blas() -> None:
     try:
         kernels = None
         wanted = environ.get(cpu_kernels.SWITCH, "").strip().lower() not in OFF
-        if candidate is not None and wanted and not cuda_mlx_installed():
+        if candidate is not None and wanted:
             kernels = cpu_kernels.build(cache_folder("cpu-kernels"))
         preloaded = global_cblas() is not None
         env = plan_preload(environ, candidate, preloaded=preloaded, kernels=kernels)
@@ -223,13 +222,6 @@ def reexec_with_blas() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
-def cuda_mlx_installed() -> bool:
-    """Whether MLX's CUDA backend is installed here (an `mlx_cuda*` package on the path, found
-    without importing MLX): there the model runs on the GPU, and the CPU kernels library,
-    which serves MLX's CPU device, is not built or preloaded."""
-    return any(m.name.startswith("mlx_cuda") for m in pkgutil.iter_modules())
 
 
 def governed(environ: Mapping[str, str] | None = None) -> BlasReport | None:
