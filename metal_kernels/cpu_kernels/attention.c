@@ -23,8 +23,7 @@ struct attention {
   float *out; /* [b, h, d] */
 };
 
-static __thread float *score_buf;
-static __thread size_t score_cap;
+static __thread struct scratch scores;
 
 static void attend(const struct attention *a, int seq, int kv) {
   const int gqa = a->h / a->hkv, d = a->d, len = a->lens[seq];
@@ -32,12 +31,8 @@ static void attend(const struct attention *a, int seq, int kv) {
   memset(out, 0, sizeof(float) * (size_t)gqa * d);
   if (len <= 0) return; /* nothing to attend to: zeros */
   const int start = a->window > 0 && len > a->window ? len - a->window : 0, n = len - start;
-  if ((size_t)gqa * n > score_cap) {
-    free(score_buf);
-    score_buf = malloc(sizeof(float) * (size_t)gqa * n);
-    score_cap = score_buf ? (size_t)gqa * n : 0;
-    if (!score_buf) abort();
-  }
+  float *score_buf = scratch(&scores, (size_t)gqa * n);
+  if (!score_buf) abort();
   const float *q = a->q + ((long)seq * a->h + (long)kv * gqa) * d;
   const float *keys = a->k + (long)kv * a->slots * d, *values = a->v + (long)kv * a->slots * d;
   const int *table = a->tables + (long)seq * a->width;
@@ -95,8 +90,7 @@ struct packed {
   float *out;
 };
 
-static __thread float *tile_buf;
-static __thread size_t tile_cap;
+static __thread struct scratch tiles;
 
 static const ivec LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -140,12 +134,8 @@ static void packed_one(const struct packed *a, int s, int h) {
   const int len = a->lens[s], d = a->d, width = (len + LANE - 1) / LANE * LANE;
   if (len <= 0) return;
   const size_t need = (size_t)d * width + (size_t)width; /* kT [d, width], then a score row */
-  if (need > tile_cap) {
-    free(tile_buf);
-    tile_buf = aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64);
-    tile_cap = tile_buf ? need : 0;
-    if (!tile_buf) abort();
-  }
+  float *tile_buf = scratch(&tiles, need);
+  if (!tile_buf) abort();
   float *kt = tile_buf, *row = tile_buf + (size_t)d * width;
   const long base = (long)a->starts[s] * a->stride + (long)h * d;
   for (int c = 0; c < d; c++) {

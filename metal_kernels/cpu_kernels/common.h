@@ -113,4 +113,20 @@ static inline vec exp_lanes(vec x) {
   return pick(under, (vec){0}, p);
 }
 
+/* A buffer that grows to what its thread needs and is kept for the next call (each kernel has one
+ * per thread, `static __thread`): at least `need` floats, 64-byte aligned; NULL if none can be had. */
+struct scratch {
+  float *buf;
+  size_t cap;
+};
+
+static inline float *scratch(struct scratch *s, size_t need) {
+  if (need > s->cap) {
+    free(s->buf);
+    s->buf = aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64);
+    s->cap = s->buf ? need : 0;
+  }
+  return s->buf;
+}
+
 #endif

@@ -90,17 +90,12 @@ static void product(const struct product *p) {
 }
 
 /* x [m, k] (op(A)) into a [k, LANE] panel, zero-padded; a buffer per calling thread. */
-static __thread float *panel_buf;
-static __thread size_t panel_cap;
+static __thread struct scratch panels;
 
 static const float *make_panel(int trans_a, int m, int k, const float *a, int lda) {
   const size_t need = (size_t)k * LANE;
-  if (need > panel_cap) {
-    free(panel_buf);
-    panel_buf = aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64);
-    panel_cap = panel_buf ? need : 0;
-    if (!panel_buf) return NULL;
-  }
+  float *panel_buf = scratch(&panels, need);
+  if (!panel_buf) return NULL;
   memset(panel_buf, 0, need * sizeof(float));
   for (int i = 0; i < m; i++)
     for (int kk = 0; kk < k; kk++)
