@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -171,6 +170,8 @@ def self_check() -> str | None:
     import mlx.core as mx
     import numpy as np
 
+    from metal_kernels.cpu_kernels import reference
+
     if loaded() is None:
         return None
     rng = np.random.default_rng(0)
@@ -185,50 +186,34 @@ def self_check() -> str | None:
         if (err := off_by(got, x.astype(np.float64) @ w.T)) > 1e-4:
             return f"a product of {rows} rows is off by {err:.2g}"
     x = rng.standard_normal(100, np.float32) * 4
-    gelu = function("candlewick_gelu_erf", GELU_ERF)
     got = np.empty_like(x)
-    gelu(x.ctypes.data, got.ctypes.data, x.size)
-    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()])
-    if (err := off_by(got, want)) > 1e-5:
+    function("candlewick_gelu_erf", GELU_ERF)(x.ctypes.data, got.ctypes.data, x.size)
+    if (err := off_by(got, reference.gelu_erf(x))) > 1e-5:
         return f"GELU is off by {err:.2g}"
-    lens = np.array([5, 9], np.int32)
-    heads, d = 2, 16
+    # (arrays whose addresses are passed are held by a name until the call returns)
+    lens, starts, heads, d = np.array([5, 9], np.int32), np.array([0, 5], np.int32), 2, 16
     q, k, v = (rng.standard_normal((14, heads * d), np.float32) for _ in range(3))
-    starts = np.array([0, 5], np.int32)
     got = np.zeros_like(q)
     function("candlewick_packed_attention", PACKED_ATTENTION)(
         q.ctypes.data, k.ctypes.data, v.ctypes.data, heads * d, starts.ctypes.data,
         lens.ctypes.data, 2, heads, d, d**-0.5, got.ctypes.data,
     )  # fmt: skip
-    want = np.zeros(q.shape)
-    for s0, n in zip(starts.tolist(), lens.tolist(), strict=True):
-        for h in range(heads):
-            cols = slice(h * d, (h + 1) * d)
-            qs, ks, vs = (t[s0 : s0 + n, cols].astype(np.float64) for t in (q, k, v))
-            p = np.exp(qs @ ks.T * d**-0.5)
-            want[s0 : s0 + n, cols] = p / p.sum(axis=1, keepdims=True) @ vs
+    want = reference.packed_attention(q, k, v, starts, lens, heads, d, d**-0.5)
     if (err := off_by(got, want)) > 1e-5:
         return f"packed attention is off by {err:.2g}"
-    # paged decode: the packed sequences' keys and values as head-major pools of blocks of 4
+    # paged decode: those keys and values as head-major pools of blocks of 4
     pools = [np.zeros((heads, 16, d), np.float32) for _ in range(2)]
     tables = np.array([[1, 2, 0], [0, 3, 1]], np.int32)  # scattered, out of order, shared
     for pool, t in zip(pools, (k, v), strict=True):
         for slot, row in enumerate(t[:8]):
             pool[:, slot] = row.reshape(heads, d)
     queries = rng.standard_normal((2, heads, d), np.float32)
-    got = np.zeros_like(queries)
-    decode = function("candlewick_paged_decode", PAGED_DECODE)
-    decode(
+    got, lens = np.zeros_like(queries), np.array([6, 9], np.int32)
+    function("candlewick_paged_decode", PAGED_DECODE)(
         queries.ctypes.data, pools[0].ctypes.data, pools[1].ctypes.data, 16, tables.ctypes.data,
-        3, np.array([6, 9], np.int32).ctypes.data, 2, heads, heads, d, 4, 0, d**-0.5,
-        got.ctypes.data,
+        3, lens.ctypes.data, 2, heads, heads, d, 4, 0, d**-0.5, got.ctypes.data,
     )  # fmt: skip
-    for b, n in enumerate((6, 9)):
-        slots = [int(tables[b, i // 4]) * 4 + i % 4 for i in range(n)]
-        for h in range(heads):
-            keys, values = (p[h, slots].astype(np.float64) for p in pools)
-            s = np.exp(keys @ queries[b, h] * d**-0.5)
-            want_row = s / s.sum() @ values
-            if (err := off_by(got[b, h], want_row)) > 1e-5:
-                return f"paged decode attention is off by {err:.2g}"
+    want = reference.paged_decode(queries, *pools, tables, lens.tolist(), 4, d**-0.5)
+    if (err := off_by(got, want)) > 1e-5:
+        return f"paged decode attention is off by {err:.2g}"
     return None

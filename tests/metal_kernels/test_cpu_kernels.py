@@ -20,6 +20,7 @@ import pytest
 
 from engine import cpu_blas
 from metal_kernels import cpu_kernels
+from metal_kernels.cpu_kernels import reference
 from metal_kernels.paged_attention import cpu
 from metal_kernels.paged_attention.gpu_check import (
     lengths_for,
@@ -214,12 +215,6 @@ def test_paged_decode_kernel_matches_naive_attention(library):
         assert err <= 1e-5, case.describe()
 
 
-def gelu_erf_float64(x: np.ndarray) -> np.ndarray:
-    from math import erf, sqrt
-
-    return np.array([0.5 * v * (1.0 + erf(v / sqrt(2.0))) for v in x.astype(np.float64)])
-
-
 def test_gelu_matches_the_exact_gelu(library):
     """Every lane position and a tail past the last whole vector, zeros, extremes."""
     gelu = library.candlewick_gelu_erf
@@ -230,21 +225,9 @@ def test_gelu_matches_the_exact_gelu(library):
     ).astype(np.float32)[:4007]
     out = np.full_like(x, np.nan)
     gelu(x.ctypes.data, out.ctypes.data, x.size)
-    np.testing.assert_allclose(out, gelu_erf_float64(x), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(out, reference.gelu_erf(x), atol=2e-6, rtol=0)
     gelu(x.ctypes.data, x.ctypes.data, x.size)  # in place
     np.testing.assert_array_equal(x, out)
-
-
-def packed_attention_float64(q, k, v, starts, lens, heads, d, scale):
-    out = np.zeros(q.shape)
-    for s0, n in zip(starts, lens, strict=True):
-        for h in range(heads):
-            cols = slice(h * d, (h + 1) * d)
-            qs, ks, vs = (t[s0 : s0 + n, cols].astype(np.float64) for t in (q, k, v))
-            scores = qs @ ks.T * scale
-            p = np.exp(scores - scores.max(axis=1, keepdims=True))
-            out[s0 : s0 + n, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
-    return out
 
 
 @pytest.mark.parametrize(("heads", "d"), [(12, 32), (4, 64), (3, 20)])
@@ -263,7 +246,7 @@ def test_packed_attention_matches_float64(library, heads, d):
         q.ctypes.data, k.ctypes.data, v.ctypes.data, heads * d, starts.ctypes.data,
         lens.ctypes.data, len(lens), heads, d, d**-0.5, out.ctypes.data,
     )  # fmt: skip
-    want = packed_attention_float64(q, k, v, starts, lens, heads, d, d**-0.5)
+    want = reference.packed_attention(q, k, v, starts, lens, heads, d, d**-0.5)
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
 
 
