@@ -55,7 +55,7 @@ def gelu(x: mx.array) -> mx.array:
     if mx.default_device() != mx.cpu:
         return nn.gelu(x)
     if x.dtype == mx.float32 and (kernel := _host("candlewick_gelu_erf")) is not None:
-        values = _host_view(x)
+        (values,) = _host_views(x)
         out = np.empty_like(values)
         kernel(values.ctypes.data, out.ctypes.data, values.size)
         return mx.array(out)
@@ -73,10 +73,11 @@ def _host(name: str) -> Any | None:
     return cpu_kernels.function(name, argtypes)
 
 
-def _host_view(x: mx.array) -> np.ndarray:
-    """``x`` evaluated, as a C-ordered float32 NumPy array (its own memory where it can)."""
-    mx.eval(x)
-    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+def _host_views(*arrays: mx.array) -> list[np.ndarray]:
+    """``arrays`` evaluated together (one wait), each as a C-ordered float32 NumPy array (its own
+    memory where it can)."""
+    mx.eval(*arrays)
+    return [np.ascontiguousarray(np.asarray(x), dtype=np.float32) for x in arrays]
 
 
 _ACTIVATIONS = {
@@ -226,7 +227,7 @@ class _Attention(nn.Module):
         (sequence, head) reads its rows where the projections left them, no regrouping into
         [B, H, L, D] and back, no padding, the softmax in the same pass."""
         H, D = self.num_heads, self.head_dim
-        q, k, v = (_host_view(p(x)) for p in (self.self.query, self.self.key, self.self.value))
+        q, k, v = _host_views(*(p(x) for p in (self.self.query, self.self.key, self.self.value)))
         starts = np.asarray(batch.starts, np.int32)
         lens = np.asarray(batch.lengths, np.int32)
         out = np.empty_like(q)
