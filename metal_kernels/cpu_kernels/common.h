@@ -31,6 +31,7 @@ extern sgemv_fn real_sgemv;
 extern unsigned long long by_pool;
 extern int kernels_off; /* set by candlewick_disable: every product goes to the BLAS as it is */
 void bind_blas(void);
+void need_sgemm(void); /* aborts, saying so, where the BLAS behind us has no cblas_sgemm */
 int threads(void);
 typedef void (*part_fn)(const void *arg, int part, int parts);
 void run(part_fn fn, const void *arg, long parts);

@@ -22,8 +22,6 @@
 
 #include "common.h"
 
-void need_sgemm(void);
-
 static unsigned long long by_rows, by_kernel;
 
 /* ---- the kernel ---------------------------------------------------------------------------- */
@@ -150,6 +148,3 @@ EXPORT unsigned long long candlewick_rows_calls(void) { return __atomic_load_n(&
 EXPORT unsigned long long candlewick_kernel_calls(void) {
   return __atomic_load_n(&by_kernel, __ATOMIC_RELAXED);
 }
-
-
-EXPORT int candlewick_small_rows(void) { return SMALL_ROWS; }
