@@ -113,8 +113,8 @@ WAYS = {"sgemv": "rows", "kernel": "kernel", "pool": "pool"}  # way -> candlewic
 
 
 def calls() -> dict[str, int]:
-    """Products the library has answered in this process, by way: ``sgemv``, ``kernel``, and of
-    those ``pool`` (split over threads); all 0 without it."""
+    """Products the library has answered in this process, by way (``sgemv``, ``kernel``), and
+    ``pool``: its jobs (products, attention, GELU) split over threads; all 0 without it."""
     found = loaded()
     counts = dict.fromkeys(WAYS, 0)
     if found is not None:
